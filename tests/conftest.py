@@ -1,0 +1,48 @@
+"""Shared fixtures: one small synthetic dataset and one briefly trained teacher per test session."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import datasets
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SMALL = {"train": 32, "unlabeled": 32, "val": 16, "test": 16}
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    datasets.make_synthetic(root, counts=SMALL)
+    return root
+
+
+def train_args(data_root, out, *extra, iters=6, model="deeplabv3plus_mobilenetv2_tiny"):
+    """argv for train.py: a tiny CPU run on the session's synthetic data."""
+    return train.get_args_parser().parse_args(
+        ["--data-root", str(data_root), "--out", str(out), "--model", model, "--iters", str(iters),
+         "--batch-size", "4", "--device", "cpu", "--log-every", "2", *map(str, extra)])
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    train.train(train_args(data_root, out, iters=10, model="deeplabv3plus_resnet18_tiny"))
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def wide_teacher_checkpoint(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wide_teacher") / "run"
+    train.train(train_args(data_root, out, iters=4, model="deeplabv3plus_wide_resnet_tiny"))
+    return out / "checkpoint.pt"
+
+
+def run_cli(*argv, timeout=120):
+    """Run a repo script as a user would; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
