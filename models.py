@@ -222,6 +222,10 @@ BACKBONES = {
     "mobilenetv2": (lambda stride: MobileNetV2(stride, 1.0), 256),
     # CPU demo: the ResNet-18 layout at half width (32 base channels); a stand-in for ResNet-18.
     "resnet18_tiny": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, base_channels=32), 128),
+    # CPU demo student: the ResNet-18 layout at quarter width (16 base channels), as SKD's
+    # narrower ResNet-18 students; on a CPU it trains faster than MobileNetV2 (depthwise
+    # convolutions are slow to back-propagate there) and learns as fast per image.
+    "resnet18_micro": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, base_channels=16), 64),
     # CPU demo: one BasicBlock per stage at 48 base channels, shallower but wider; a stand-in for WRN.
     "wide_resnet_tiny": (lambda stride: ResNet(BasicBlock, [1, 1, 1, 1], stride, base_channels=48), 192),
     # CPU demo: MobileNetV2 at width 0.25 (features.17 has 80 channels); a stand-in for MobileNetV2.

@@ -19,7 +19,7 @@ KEYS_JSON = Path(__file__).resolve().parents[1].parent / "shared" / "torchvision
 # Our backbone name -> torchvision's name in torchvision_keys.json.
 TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
                      "resnet101": "resnet101", "wide_resnet50": "wide_resnet50_2", "mobilenetv2": "mobilenet_v2"}
-TINY_BACKBONES = ["resnet18_tiny", "wide_resnet_tiny", "mobilenetv2_tiny"]
+TINY_BACKBONES = ["resnet18_tiny", "resnet18_micro", "wide_resnet_tiny", "mobilenetv2_tiny"]
 
 
 def torchvision_shapes(torchvision_name, keep_imagenet_only=False):
