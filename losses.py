@@ -222,8 +222,13 @@ class Discriminator(nn.Module):
         """D's input for one network's logits (N, C, h, w); `image` (N, 3, H, W) is resized.
 
         Conditional: cat(resize(image), softmax(z)); otherwise the logits. Detach the result
-        before the D step; do not detach it for the student's generator term.
+        before the D step; do not detach it for the student's generator term. Logits smaller
+        than min_size (the CPU demo's 12x12 maps) are bilinearly upsampled to min_size first.
         """
+        h, w = logits.shape[-2:]
+        if min(h, w) < self.min_size:
+            logits = F.interpolate(_upcast(logits), size=(max(h, self.min_size), max(w, self.min_size)),
+                                   mode="bilinear", align_corners=False)
         if not self.conditional:
             return _upcast(logits)
         probs = F.softmax(_upcast(logits), dim=1)  # float32: softmax under AMP
