@@ -31,7 +31,7 @@ def train_args(data_root, out, *extra, iters=6, model="deeplabv3plus_mobilenetv2
 @pytest.fixture(scope="session")
 def teacher_checkpoint(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
-    train.train(train_args(data_root, out, iters=10, model="deeplabv3plus_resnet18_tiny"))
+    train.train(train_args(data_root, out, iters=30, model="deeplabv3plus_resnet18_tiny"))
     return out / "checkpoint.pt"
 
 
