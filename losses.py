@@ -195,12 +195,14 @@ class Discriminator(nn.Module):
     3 + C channels; `conditional=False` (official code) = the raw logits, C channels.
     Build the input with `discriminator.make_input(image, logits)`. forward returns (N,)
     scores: the final conv's map averaged over space (1x1 for the official 65x65 logits).
+    `width` (official 64) scales every conv; the CPU demo uses 16, since on small maps the
+    512-channel convs cost several times the student's own step.
     """
 
     # four stride-2 convs: below 16 pixels the last one would get an empty map
     min_size = 16
 
-    def __init__(self, num_classes, conditional=True, input_bn=True):
+    def __init__(self, num_classes, conditional=True, input_bn=True, width=64):
         super().__init__()
         self.conditional = conditional
         in_channels = num_classes + 3 if conditional else num_classes
@@ -210,13 +212,13 @@ class Discriminator(nn.Module):
             return nn.Sequential(spectral_norm(nn.Conv2d(cin, cout, 4, stride=2, padding=1)),
                                  nn.LeakyReLU(0.1))
 
-        self.conv1 = down(in_channels, 64)
-        self.conv2 = down(64, 128)
-        self.conv3 = down(128, 256)
-        self.attention1 = SelfAttention(256)
-        self.conv4 = down(256, 512)
-        self.attention2 = SelfAttention(512)
-        self.last = nn.Conv2d(512, 1, 4)   # not spectral-normalised, as in the official code
+        self.conv1 = down(in_channels, width)
+        self.conv2 = down(width, 2 * width)
+        self.conv3 = down(2 * width, 4 * width)
+        self.attention1 = SelfAttention(4 * width)
+        self.conv4 = down(4 * width, 8 * width)
+        self.attention2 = SelfAttention(8 * width)
+        self.last = nn.Conv2d(8 * width, 1, 4)   # not spectral-normalised, as in the official code
 
     def make_input(self, image, logits):
         """D's input for one network's logits (N, C, h, w); `image` (N, 3, H, W) is resized.
@@ -587,7 +589,7 @@ class Distiller(nn.Module):
     def __init__(self, teacher, weights, student_channels, num_classes, *, wide_teacher=None,
                  tau=1.0, cwd_tau=4.0, pairwise_scale=0.5, pairwise_kernel=None, thing_classes=(),
                  imitation_mask="anchor", imitation_warmup=400, conditional_discriminator=True,
-                 lambda_gp=10.0):
+                 discriminator_width=64, lambda_gp=10.0):
         super().__init__()
         unknown = set(weights) - set(TERMS)
         if unknown:
@@ -605,7 +607,8 @@ class Distiller(nn.Module):
             self.adaptation = adaptation_layer(student_channels, teacher.feat_channels)
         self.discriminator = None
         if "holistic" in self.weights:
-            self.discriminator = Discriminator(num_classes, conditional=conditional_discriminator)
+            self.discriminator = Discriminator(num_classes, conditional=conditional_discriminator,
+                                               width=discriminator_width)
         self.mixes_unlabeled = wide_teacher is not None and bool(
             {"mgd_pixel", "mgd_image", "mgd_region"} & set(self.weights))  # MGD: CutMix pairs
         self.uses_unlabeled = self.mixes_unlabeled or "unlabeled" in self.weights
