@@ -73,12 +73,16 @@ ROWS = {
     "zhu":           ("Zhu 2020", "+pseudo labels, centroid sampling",
                       ["--unlabeled-root", "{unlabeled}", "--pseudo-labels", "{pseudo}",
                        "--centroid-sampling", "0.5"]),
+    "zhu_c2f":       ("Zhu 2020", "+fast schedule (first half at 32x32 crops)",
+                      ["--unlabeled-root", "{unlabeled}", "--pseudo-labels", "{pseudo}",
+                       "--centroid-sampling", "0.5", "--coarse2fine", "0.5", "--small-crop", "32", "32"]),
     "mgd":           ("Qin 2022 MGD", "+two teachers, image/region/pixel",
                       ["--kd", "mgd_pixel=1,mgd_image=0.001,mgd_region=100",
                        "--wide-teacher-checkpoint", "{wide}", "--unlabeled-root", "{unlabeled}",
                        "--unlabeled-batch-size", "4"]),  # 2 x 4 images mixed into 4: 6 forwards per teacher
     "cwd":           ("Shu 2021 CWD", "+channel-wise KD", ["--kd", "cwd=3"]),
 }
+DEFAULT_ROWS = [row for row in ROWS if row != "zhu_c2f"]
 
 # Paper-scale recipes for real datasets on one GPU (issue: README "recipes" table). Values:
 # (teacher, student, crop, batch, iters, lr, flags); provenance in the README.
@@ -101,7 +105,9 @@ RECIPES = {
 def get_args_parser():
     p = argparse.ArgumentParser(description="kd-seg demo: the papers' ablations on synthetic data.")
     p.add_argument("--quick", action="store_true", help="60 s smoke run (tiny schedule, 1 seed)")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (see --list; default: all)")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help="comma-separated rows (see --list; default: all but zhu_c2f, which "
+                        "`--rows zhu,zhu_c2f` compares with Zhu's plain schedule)")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; quick: 0)")
     p.add_argument("--iters", type=int, help="student iterations (default 150; quick: 10)")
     p.add_argument("--teacher-iters", type=int, help="teacher iterations (default 300; quick: 20)")
@@ -134,8 +140,11 @@ def run_training(argv, log_path):
         for f in Path(args.out).iterdir():
             f.unlink()
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):
         train.train(args)
+    if not args.resume:  # a whole training: its wall time is a result (Zhu's fast schedule)
+        (Path(args.out) / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     test_metrics(args.out, args.data_root)  # here, in parallel, rather than one by one at the end
     return args.out
 
@@ -182,6 +191,14 @@ def test_metrics(run_dir, data_root):
     return metrics
 
 
+def train_seconds(run_dirs):
+    """Mean wall time of the runs' trainings, one process each ("" if any was resumed)."""
+    files = [Path(d) / "train_seconds.txt" for d in run_dirs]
+    if not all(f.exists() for f in files):
+        return ""
+    return f"{statistics.mean(float(f.read_text()) for f in files):.0f}"
+
+
 def verdict(gains):
     """Paired gains over the baseline (one per seed) -> better / worse / indistinguishable:
     'better' when the mean gain exceeds two standard errors of the paired differences."""
@@ -204,14 +221,15 @@ def cost_of(model_name, num_classes, size, quick=False):
 
 def format_results(rows, costs, fps_size):
     head = (f"| row | paper | adds | params (M) | GFLOPs | test mIoU | gain | verdict | "
-            f"FPS @{fps_size[0]}x{fps_size[1]} |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---|---:|"]
+            f"FPS @{fps_size[0]}x{fps_size[1]} | train (s) |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         c = costs[r["model"]]
         miou = f"{r['mean']:.1f} ± {r['std']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
         gain = "" if r["gain"] is None else f"{r['gain']:+.1f}"
         lines.append(f"| {r['name']} | {r['paper']} | {r['adds']} | {c['params_m']:.2f} | "
-                     f"{c['gflops']:.3f} | {miou} | {gain} | {r['verdict']} | {c['fps']:.0f} |")
+                     f"{c['gflops']:.3f} | {miou} | {gain} | {r['verdict']} | {c['fps']:.0f} | "
+                     f"{r['train_s']} |")
     return "\n".join(lines)
 
 
@@ -269,7 +287,7 @@ def demo(args):
     for row in rows:
         paper, adds, flags = ROWS[row]
         flags = [fill.get(f, f) for f in flags]
-        if row != "baseline" and row != "zhu":
+        if row != "baseline" and not row.startswith("zhu"):
             flags += ["--teacher-checkpoint", str(teacher_ckpt)]
         same = next((r for r in rows[:rows.index(row)] if ROWS[r][2] == ROWS[row][2]), None)
         for seed in seeds:
@@ -316,7 +334,8 @@ def demo(args):
     fps_size = (128, 128) if quick else (512, 512)
     costs = {m: cost_of(m, num_classes, fps_size, quick) for m in (TEACHER, STUDENT)}
     results = [{"name": "teacher", "paper": "-", "adds": TEACHER, "model": TEACHER,
-                "mean": teacher_miou, "std": 0.0, "n": 1, "gain": None, "verdict": ""}]
+                "mean": teacher_miou, "std": 0.0, "n": 1, "gain": None, "verdict": "",
+                "train_s": train_seconds([out / "teacher"])}]
     base = [scores["baseline", s] for s in seeds]
     for row in rows:
         values = [scores[row, s] for s in seeds]
@@ -325,7 +344,8 @@ def demo(args):
             "name": row, "paper": ROWS[row][0], "adds": ROWS[row][1], "model": STUDENT,
             "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "gain": None if row == "baseline" else statistics.mean(gains),
-            "verdict": "" if row == "baseline" else verdict(gains), "values": values})
+            "verdict": "" if row == "baseline" else verdict(gains), "values": values,
+            "train_s": train_seconds([run_dirs[row, s] for s in seeds])})
     table = format_results(results, costs, fps_size)
     print(table)
 
@@ -385,15 +405,18 @@ def benchmark(args):
     num_classes = 8
     teacher = models.build_model(TEACHER, num_classes, DEMO_OUTPUT_STRIDE).eval()
     student = models.build_model(STUDENT, num_classes, DEMO_OUTPUT_STRIDE).train()
-    images, labels = torch.randn(16, 3, 48, 48), torch.randint(0, num_classes, (16, 48, 48))
+    data_root = Path(args.data_root or "data/synthetic")
+    datasets.make_synthetic(data_root)  # real label maps: FGFI's boxes come from their objects
+    data = datasets.build_dataset("synthetic", data_root, "train", train=True, crop_size=(48, 48))
+    images, labels = (torch.stack(t) for t in zip(*[data[i] for i in range(16)]))
     task = argparse.Namespace(ohem=0.0, aux_weight=0.0)
     labeled_terms = dict(pixel=1, consistency=1, pairwise=0.5, holistic=0.1, imitation=0.01,
                          cwd=3, mgd_pixel=1)
 
     def step_with(weights):
         distiller = losses.Distiller(teacher, weights, student.feat_channels, num_classes,
-                                     thing_classes=datasets.THING_CLASSES["synthetic"],
-                                     imitation_warmup=0) if weights else None
+                                     thing_classes=data.thing_classes, imitation_warmup=0,
+                                     discriminator_width=16) if weights else None
         params = list(student.parameters()) + list(distiller.student_side_parameters() if weights else [])
         optimizer = torch.optim.SGD(params, lr=1e-4)
         d_optimizer = torch.optim.SGD(distiller.discriminator.parameters(), lr=1e-4) \
@@ -419,7 +442,8 @@ def benchmark(args):
     plain = seconds_per_call(step_with({}))
     without_holistic = seconds_per_call(step_with({k: v for k, v in labeled_terms.items() if k != "holistic"}))
     distilled = seconds_per_call(step_with(labeled_terms))
-    print(f"demo step, batch 16 of 48x48, {STUDENT} <- {TEACHER}: plain student step "
+    print(f"demo step, batch 16 of 48x48 synthetic crops, {STUDENT} <- {TEACHER} (discriminator "
+          f"width 16, as the demo): plain student step "
           f"{1000 * plain:.0f} ms + teacher forward {1000 * teacher_forward:.0f} ms; step with "
           f"every labeled term {1000 * distilled:.0f} ms ({', '.join(labeled_terms)})")
     print(f"distilled step / (student step + teacher forward): "
