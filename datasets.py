@@ -50,11 +50,11 @@ image may be blurred, gets a per-image colour jitter and Gaussian pixel noise.
 
 Calibration (train.py on CPU, batch 16, SGD poly, scale 0.5-2, seed 0, val mIoU; README "the
 synthetic benchmark"): at output stride 8 and 64x64 crops, deeplabv3plus_resnet18_tiny reached
-58.5 after 600 steps (lr 0.05) and deeplabv3plus_mobilenetv2_tiny 41.4 after 300; at the demo's
-schedule (stride 16, 48x48 crops, lr 0.1) the teacher reaches about 50-55 and the
-deeplabv3plus_resnet18_micro student about 35-41, far from saturation. Exploratory runs showed
-that with no hue prior at all, students from scratch learn almost nothing in a few hundred
-steps: shape and texture are slow to learn, which is why the prior is there.
+58.5 after 600 steps (lr 0.05) and deeplabv3plus_mobilenetv2_tiny 41.4 after 300; the 10-minute
+demo's much shorter schedule leaves its student further below (README, "the demo").
+Exploratory runs showed that with no hue prior at all, students from scratch learn almost
+nothing in a few hundred steps: shape and texture are slow to learn, which is why the prior is
+there.
 
 Splits: train (200, labelled), unlabeled (1600; its labels stay on disk for pseudo-label
 diagnostics only), val (200), test (400). SYNTHETIC_KNOBS (hue prior, noise, texture contrast

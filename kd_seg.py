@@ -109,8 +109,8 @@ def get_args_parser():
                    help="comma-separated rows (see --list; default: all but zhu_c2f, which "
                         "`--rows zhu,zhu_c2f` compares with Zhu's plain schedule)")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--iters", type=int, help="student iterations (default 150; quick: 10)")
-    p.add_argument("--teacher-iters", type=int, help="teacher iterations (default 300; quick: 20)")
+    p.add_argument("--iters", type=int, help="student iterations (default 130; quick: 10)")
+    p.add_argument("--teacher-iters", type=int, help="teacher iterations (default 250; quick: 20)")
     p.add_argument("--data-root", help="synthetic data folder, made if missing (default "
                    "data/synthetic; quick: data/synthetic_quick, a small copy)")
     p.add_argument("--out", help="output folder (default runs/demo; quick: runs/quick)")
@@ -258,8 +258,8 @@ def picture_grid(run_dirs, data_root, path, count=6):
 def demo(args):
     quick = args.quick
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    iters = args.iters or (10 if quick else 150)
-    teacher_iters = args.teacher_iters or (20 if quick else 300)
+    iters = args.iters or (10 if quick else 130)
+    teacher_iters = args.teacher_iters or (20 if quick else 250)
     out = Path(args.out or ("runs/quick" if quick else "runs/demo"))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
