@@ -997,11 +997,6 @@ class ConcatSegmentation(torch.utils.data.Dataset):
         return dataset[(local_index, centroid) if centroid is not None else local_index]
 
 
-def combine(*parts):
-    """One dataset of several with the same classes, e.g. real + pseudo labels (Zhu et al. 2020)."""
-    return ConcatSegmentation(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # 8. MGD (Qin et al. 2022) CutMix box masks, as the official code (JayQine/MGD-SSSS config:
 #    cutmix_mask_prop_range (0.25, 0.5), 3 boxes, random aspect ratio, boxes within the image,

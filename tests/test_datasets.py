@@ -445,7 +445,7 @@ def test_centroid_crops_contain_their_centroid(synthetic_root):
 def test_concat_accepts_centroid_items(synthetic_root):
     train = datasets.build_dataset("synthetic", synthetic_root, "train", train=True, crop_size=16)
     val = datasets.build_dataset("synthetic", synthetic_root, "val", train=True, crop_size=16)
-    both = datasets.combine(train, val)
+    both = datasets.ConcatSegmentation([train, val])
     assert len(both) == len(train) + len(val) and both.num_classes == 8
     centroids = datasets.compute_centroids(both)
     image_index, y, x = centroids[7][-1]
