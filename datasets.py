@@ -14,7 +14,7 @@ What is in this file, top to bottom:
 
 Usage:
     import datasets
-    datasets.make_synthetic("data/synthetic")                 # once; about 5 s on a laptop CPU
+    datasets.make_synthetic("data/synthetic")                 # once; about 15 s on 2 CPU cores
     train = datasets.build_dataset("synthetic", "data/synthetic", "train", train=True, crop_size=64)
     image, label = train[0]      # float32 (3, H, W) ImageNet-normalised, int64 (H, W) in [0, C) or 255
     val = datasets.build_dataset("cityscapes", "/data/cityscapes", "val")        # full images
@@ -696,7 +696,7 @@ def _random_colour(rng, saturation_range, hue_range=(0.0, 1.0), avoid=None, min_
     for _ in range(20):
         hue = rng.uniform(*hue_range) % 1.0
         saturation, value = rng.uniform(*saturation_range), rng.uniform(0.3, 0.95)
-        colour = np.array(colorsys.hsv_to_rgb(hue, saturation, value), np.float32)  # float32: 2x faster
+        colour = np.array(colorsys.hsv_to_rgb(hue, saturation, value), np.float32)  # float32: faster to paint
         if avoid is None or np.linalg.norm(colour - avoid) >= min_distance:
             break
     return colour
@@ -801,7 +801,7 @@ def draw_synthetic_sample(rng, image_size=64, **knobs):
         centre_y, centre_x = rng.uniform(0, image_size, 2)  # objects may leave the frame
         radius = rng.uniform(*knobs["size_range"]) * image_size
         under = image[int(centre_y), int(centre_x)]
-        # Draw inside a window around the object only (3x faster than the whole image): 1.6 radii
+        # Draw inside a window around the object only (cheaper than the whole image): 1.6 radii
         # hold every shape (a triangle's corner lies 1.56 radii out, a blob's wobble 1.4).
         reach = int(1.6 * max(radius, knobs["ring_thickness"][1] + 4)) + 2
         window = (slice(max(0, int(centre_y) - reach), int(centre_y) + reach + 1),
