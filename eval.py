@@ -25,7 +25,6 @@ images already done, so an interrupted labelling run resumes without redoing or 
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time

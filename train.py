@@ -24,7 +24,6 @@ order and every augmentation are a function of (seed, step), not of the process.
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -195,10 +194,11 @@ class Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, item_and_seed):
         item, seed = item_and_seed
-        # the transforms draw from torch's global generator: run them from the sample's own seed,
-        # on a forked generator so the training loop's random stream is left untouched
+        # the transforms draw from torch's global CPU generator: run them from the sample's own
+        # seed, on a forked generator so the training loop's random stream is left untouched.
+        # Only the CPU generator: torch.manual_seed would also seed every accelerator, per sample.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[item]
 
 
@@ -357,6 +357,10 @@ def run(args, weights, rank, world, resume_from):
         if args.wide_teacher_checkpoint:
             wide_teacher, _ = evaluation.load_checkpoint(args.wide_teacher_checkpoint, device,
                                                          expect_classes=args.num_classes)
+        if args.channels_last:  # the teachers see the same channels_last images as the student
+            teacher = teacher.to(memory_format=torch.channels_last)
+            if wide_teacher is not None:
+                wide_teacher = wide_teacher.to(memory_format=torch.channels_last)
         distiller = losses.Distiller(
             teacher, weights, student.feat_channels, args.num_classes, wide_teacher=wide_teacher,
             tau=args.tau, cwd_tau=args.cwd_tau, pairwise_scale=args.pairwise_scale,
@@ -452,6 +456,8 @@ def run(args, weights, rank, world, resume_from):
                 unlabeled = mix_mask = None
                 if unlabeled_batches is not None:
                     unlabeled = next(unlabeled_batches)[0].to(device, non_blocking=True)
+                    if args.channels_last:
+                        unlabeled = unlabeled.contiguous(memory_format=torch.channels_last)
                 if unlabeled is not None and distiller.mixes_unlabeled:  # MGD: CutMix the two halves
                     mix_mask = datasets.cutmix_box_masks(len(unlabeled) // 2, *unlabeled.shape[-2:])
                     mix_mask = mix_mask[:, None].to(device)
@@ -507,6 +513,9 @@ def run(args, weights, rank, world, resume_from):
         if args.stop_at and done == args.stop_at:
             checkpoint(done)
             break
+    if world > 1:  # a clean shutdown, together: exiting with the group alive lets gloo abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"done in {evaluation.format_eta(time.perf_counter() - start_time)}"
               + (f" ({skipped} non-finite steps skipped)" if skipped else ""))

@@ -35,15 +35,15 @@ RECIPES = {  # name -> (train.py flags, the distillation term that must go down)
     "xie2018_unlabeled": (["--kd", "pixel=1,consistency=1,unlabeled=1", "--unlabeled-root", "{u}"], "u_pixel"),
     "skd2019": (["--kd", "pixel=10,pairwise=0.5,holistic=0.1"], "pixel"),
     # FGFI: over 20 steps of batch 4 the term swings +-30% with the batch's teacher feature norm,
-    # which hides its descent; test_fgfi_lowers_imitation_on_a_fixed_batch checks that instead
+    # which hides its descent; test_term_goes_down_on_a_fixed_batch checks that instead
     "fgfi2019": (["--kd", "imitation=0.01", "--imitation-warmup", "0"], None),
     "fgfi2019_dilated": (["--kd", "imitation=0.01", "--imitation-warmup", "0",
                           "--imitation-mask", "dilated"], None),
     "mgd2022": (["--kd", "mgd_pixel=1,mgd_image=0.001,mgd_region=100", "--unlabeled-root", "{u}",
                  "--wide-teacher-checkpoint", "{w}"], "mgd_pixel"),
-    # the fixtures' teacher is barely better than chance: weight 30 (official 3) lets the term,
-    # not the CE, lead in 20 steps, so the test sees the term being optimised
-    "cwd": (["--kd", "cwd=30"], "cwd"),
+    # CWD: with the fixtures' near-chance teacher the term rises and falls with the batch over
+    # 20 steps; test_term_goes_down_on_a_fixed_batch checks its descent instead
+    "cwd": (["--kd", "cwd=3"], None),
 }
 
 
@@ -62,8 +62,11 @@ def test_20_distillation_steps_finite_and_term_decreases(recipe, data_root, teac
         assert log[-1][term] < log[0][term], [row[term] for row in log]
 
 
-@pytest.mark.parametrize("mask", ["anchor", "dilated"])
-def test_fgfi_lowers_imitation_on_a_fixed_batch(mask, data_root, teacher_checkpoint):
+# CWD at 30 (official 3): at 3 the term falls only 15% in 20 steps, the CE leading
+@pytest.mark.parametrize("term,weight,mask", [("imitation", 0.01, "anchor"), ("imitation", 0.01, "dilated"),
+                                              ("cwd", 30, "anchor")])
+def test_term_goes_down_on_a_fixed_batch(term, weight, mask, data_root, teacher_checkpoint):
+    """Optimising the distillation terms whose 20-step logs are too noisy to show descent."""
     import datasets
     import eval as evaluation
     import losses
@@ -73,7 +76,7 @@ def test_fgfi_lowers_imitation_on_a_fixed_batch(mask, data_root, teacher_checkpo
     student = models.build_model("deeplabv3plus_mobilenetv2_tiny", 8)
     data = datasets.build_dataset("synthetic", data_root, "train")
     images, labels = (torch.stack(t) for t in zip(*[data[i] for i in range(4)]))
-    distiller = losses.Distiller(teacher, {"imitation": 0.01}, student.feat_channels, 8,
+    distiller = losses.Distiller(teacher, {term: weight}, student.feat_channels, 8,
                                  thing_classes=data.thing_classes, imitation_warmup=0,
                                  imitation_mask=mask)
     optimizer = torch.optim.SGD([*student.parameters(), *distiller.student_side_parameters()],
@@ -81,7 +84,7 @@ def test_fgfi_lowers_imitation_on_a_fixed_batch(mask, data_root, teacher_checkpo
     values = []
     for step in range(20):
         terms = distiller.terms(student, student(images), images, labels, step)
-        values.append(terms["imitation"].item())
+        values.append(terms[term].item())
         optimizer.zero_grad()
         distiller.weighted_sum(terms).backward()
         optimizer.step()
@@ -167,11 +170,13 @@ def test_existing_results_are_not_overwritten(data_root, tmp_path):
     assert (out / "precious.txt").read_text() == "mine"
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data_root, tmp_path):
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data_root, tmp_path, monkeypatch):
     # torchrun, 2 CPU processes with gloo, batch 2 each, against 1 process with batch 2 and 2
     # accumulated batches: the same samples and augmentations, BatchNorm over the same 2 images
     # (SyncBatchNorm has no CPU kernel), the same mean of per-batch losses. The weights must agree
-    # to float rounding, far closer than one optimiser step moves them.
+    # to float rounding, far closer than one optimiser step moves them. One thread everywhere, as
+    # torchrun sets for its workers: other thread counts pick other kernels, other roundings.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     common = ["--data-root", data_root, "--lr", 0.01, "--device", "cpu", "--batch-size", 2,
               "--model", "deeplabv2_resnet18_micro"]  # no dropout: its masks are drawn per process
     runs = {"ddp": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "train.py",
