@@ -1,7 +1,8 @@
 """kd-seg: the five distillation papers for semantic segmentation, on one bench.
 
     python kd_seg.py                     # the demo: every paper's ablation on the synthetic
-                                         # benchmark, CPU, about 10 minutes, 3 seeds
+                                         # benchmark, CPU, 3 seeds: 4-12 minutes on 2
+                                         # cores, depending on the CPU (README)
     python kd_seg.py --quick             # a 60-second smoke run of the same pipeline
     python kd_seg.py --rows baseline,xie_lp_lc --seeds 0 1 2 3 4
     python kd_seg.py --list              # the rows and the paper-scale recipes
@@ -30,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -43,14 +43,16 @@ import train
 TEACHER = "deeplabv3plus_resnet18_tiny"
 WIDE_TEACHER = "deeplabv3plus_wide_resnet_tiny"
 STUDENT = "deeplabv3plus_resnet18_micro"
-# The demo schedule shared by every training (teachers and students), sized so that the 30
-# student runs of the default demo (10 rows x 3 seeds) fit 10 minutes on 2 CPU cores: output
-# stride 16 and 48x48 crops of the 64x64 images cost much less per image than stride 8 at 64x64;
-# lr 0.1 learned faster than 0.05 on val (README, "tuning the demo").
+# The demo schedule shared by every training (teachers and students; the teachers only train
+# longer), sized so that the 30 student runs of the default demo (10 rows x 3 seeds) fit 10
+# minutes on 2 CPU cores: output stride 16 and 48x48 crops of the 64x64 images cost much less per
+# image than stride 8 at 64x64; batch 8 for twice the steps of batch 16 in the same time, lr 0.15
+# and scales 0.75-1.5 learned fastest on val (README, "tuning the demo").
 DEMO_OUTPUT_STRIDE = 16
 QUICK_COUNTS = {"train": 32, "unlabeled": 64, "val": 16, "test": 32}
-DEMO_FLAGS = ["--output-stride", str(DEMO_OUTPUT_STRIDE), "--crop-size", "48", "48", "--lr", "0.1", "--channels-last",
-              "--unlabeled-batch-size", "8"]
+DEMO_FLAGS = ["--output-stride", str(DEMO_OUTPUT_STRIDE), "--crop-size", "48", "48", "--batch-size", "8",
+              "--lr", "0.15", "--scale-range", "0.75", "1.5", "--channels-last"]
+DEMO_ITERS, DEMO_TEACHER_ITERS = 260, 600
 
 # Demo rows: name -> (paper, what the row adds, train.py flags). Weights are the official
 # defaults (README, "paper value vs code default") unless the README's section "tuning the demo"
@@ -61,7 +63,8 @@ ROWS = {
     "xie_lp":        ("Xie 2018", "+L_p", ["--kd", "pixel=1"]),
     "xie_lp_lc":     ("Xie 2018", "+L_p+L_c", ["--kd", "pixel=1,consistency=1"]),
     "xie_unlabeled": ("Xie 2018", "+L_p+L_c+unlabeled",
-                      ["--kd", "pixel=1,consistency=1,unlabeled=1", "--unlabeled-root", "{unlabeled}"]),
+                      ["--kd", "pixel=1,consistency=1,unlabeled=1", "--unlabeled-root", "{unlabeled}",
+                       "--unlabeled-batch-size", "4"]),  # 4 unlabeled images per step beside the 8 labeled
     # SKD's pixel-wise term is Xie's L_p; its official weight 10 diverged here, 1 was best on
     # val (README, "tuning the demo"), so skd_pi is the very run of xie_lp (run once, shared)
     "skd_pi":        ("Liu 2019 SKD", "+pixel", ["--kd", "pixel=1"]),
@@ -109,8 +112,9 @@ def get_args_parser():
                    help="comma-separated rows (see --list; default: all but zhu_c2f, which "
                         "`--rows zhu,zhu_c2f` compares with Zhu's plain schedule)")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--iters", type=int, help="student iterations (default 130; quick: 10)")
-    p.add_argument("--teacher-iters", type=int, help="teacher iterations (default 250; quick: 20)")
+    p.add_argument("--iters", type=int, help=f"student iterations (default {DEMO_ITERS}; quick: 10)")
+    p.add_argument("--teacher-iters", type=int,
+                   help=f"teacher iterations (default {DEMO_TEACHER_ITERS}; quick: 20)")
     p.add_argument("--data-root", help="synthetic data folder, made if missing (default "
                    "data/synthetic; quick: data/synthetic_quick, a small copy)")
     p.add_argument("--out", help="output folder (default runs/demo; quick: runs/quick)")
@@ -149,21 +153,43 @@ def run_training(argv, log_path):
     return args.out
 
 
-def run_all(jobs, workers, label):
-    """Run (name, argv, log) jobs in a process pool, printing progress with an ETA."""
-    if not jobs:
-        return
-    start, done = time.perf_counter(), 0
+def pseudo_label_job(teacher_ckpt, unlabeled, pseudo, data_root):
+    """Zhu et al.: the teacher labels the unlabeled split offline (confidence threshold 0.5);
+    returns the labels' quality against the split's held-back labels."""
+    torch.set_num_threads(1)
+    teacher, _ = evaluation.load_checkpoint(teacher_ckpt)
+    unlabeled_set = datasets.build_dataset("folder", unlabeled, None, classes_from="synthetic")
+    with open(Path(pseudo).parent / "pseudo_labels.log", "a") as log, contextlib.redirect_stdout(log):
+        evaluation.save_predictions(teacher, unlabeled_set, pseudo, "cpu", threshold=0.5,
+                                    owner={"checkpoint": str(Path(teacher_ckpt).resolve()), "threshold": 0.5},
+                                    log_every=500)
+    labelled_unlabeled = datasets.build_dataset("synthetic", data_root, "unlabeled")
+    return evaluation.pseudo_label_diagnostics(pseudo, labelled_unlabeled)
+
+
+def run_all(jobs, workers):
+    """Run jobs in a process pool, each as soon as the jobs it needs have finished, printing
+    progress with an ETA. jobs: (name, function, args, needs) in priority order (the slowest
+    first, so that no core idles at the end waiting for one of them). Returns {name: result}."""
+    results, running, todo = {}, {}, list(jobs)
+    start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
-    with futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        pending = {pool.submit(run_training, argv, log): name for name, argv, log in jobs}
-        for future in futures.as_completed(pending):
-            future.result()  # re-raise a failed training here
-            done += 1
-            elapsed = time.perf_counter() - start
-            eta = elapsed / done * (len(jobs) - done)
-            print(f"{label} {done}/{len(jobs)} | {pending[future]} done | elapsed "
-                  f"{evaluation.format_eta(elapsed)} | eta {evaluation.format_eta(eta)}", flush=True)
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        while todo or running:
+            for job in [job for job in todo if set(job[3]) <= results.keys()][:workers - len(running)]:
+                todo.remove(job)
+                running[pool.submit(job[1], *job[2])] = job[0]
+            if not running:
+                raise ValueError(f"jobs {[job[0] for job in todo]} need jobs that are not in the list")
+            finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                results[name] = future.result()  # re-raise a failed job here
+                elapsed = time.perf_counter() - start
+                eta = elapsed / len(results) * (len(jobs) - len(results))
+                print(f"{len(results)}/{len(jobs)} | {name} done | elapsed {evaluation.format_eta(elapsed)} "
+                      f"| eta {evaluation.format_eta(eta)}", flush=True)
+    return results
 
 
 def train_argv(out, model, iters, seed, data_root, extra=()):
@@ -258,8 +284,8 @@ def picture_grid(run_dirs, data_root, path, count=6):
 def demo(args):
     quick = args.quick
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    iters = args.iters or (10 if quick else 130)
-    teacher_iters = args.teacher_iters or (20 if quick else 250)
+    iters = args.iters or (10 if quick else DEMO_ITERS)
+    teacher_iters = args.teacher_iters or (20 if quick else DEMO_TEACHER_ITERS)
     out = Path(args.out or ("runs/quick" if quick else "runs/demo"))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -278,17 +304,29 @@ def demo(args):
     unlabeled = data_root / "images" / "unlabeled"
     num_classes = datasets.build_dataset("synthetic", data_root, "val").num_classes
 
-    # every row x seed: the same student and schedule
     teacher_ckpt, pseudo = out / "teacher" / "checkpoint.pt", out / "pseudo_labels"
     fill = {"{unlabeled}": str(unlabeled), "{pseudo}": str(pseudo),
             "{wide}": str(out / "wide_teacher" / "checkpoint.pt"),
             "{warmup}": str(iters // 10)}  # FGFI: 400 of ~40k official iterations -> the first 10%
+
+    # 1. the jobs: teachers (trained once, seed 0; MGD's wide teacher only when its row is asked
+    #    for), Zhu's offline pseudo labels, every row x seed; each starts once what it needs is done
+    teacher_jobs = [("teacher", run_training, (train_argv(out / "teacher", TEACHER, teacher_iters, 0, data_root),
+                                               out / "teacher.log"), [])]
+    if any("{wide}" in ROWS[row][2] for row in rows):
+        teacher_jobs.append(("wide teacher", run_training, (train_argv(
+            out / "wide_teacher", WIDE_TEACHER, teacher_iters, 0, data_root), out / "wide_teacher.log"), []))
+    if any("{pseudo}" in ROWS[row][2] for row in rows):
+        teacher_jobs.append(("pseudo labels", pseudo_label_job, (teacher_ckpt, unlabeled, pseudo, data_root),
+                             ["teacher"]))
+    needs_of = {"--teacher-checkpoint": "teacher", "{wide}": "wide teacher", "{pseudo}": "pseudo labels"}
     jobs, run_dirs = [], {}
     for row in rows:
         paper, adds, flags = ROWS[row]
-        flags = [fill.get(f, f) for f in flags]
         if "--kd" in flags:  # online distillation; Zhu's rows use the offline pseudo labels
-            flags += ["--teacher-checkpoint", str(teacher_ckpt)]
+            flags = flags + ["--teacher-checkpoint", str(teacher_ckpt)]
+        needs = [job for flag, job in needs_of.items() if flag in flags]
+        flags = [fill.get(f, f) for f in flags]
         same = next((r for r in rows[:rows.index(row)] if ROWS[r][2] == ROWS[row][2]), None)
         for seed in seeds:
             if same is not None:  # the identical run already exists under the earlier row
@@ -296,39 +334,20 @@ def demo(args):
                 continue
             run = out / row / f"seed{seed}"
             run_dirs[row, seed] = run
-            jobs.append((f"{row} seed {seed}", train_argv(run, STUDENT, iters, seed, data_root, flags),
-                         out / row / f"seed{seed}.log"))
+            jobs.append((f"{row} seed {seed}", run_training, (
+                train_argv(run, STUDENT, iters, seed, data_root, flags), out / row / f"seed{seed}.log"), needs))
             (out / row).mkdir(parents=True, exist_ok=True)
-    baseline_jobs = [job for job in jobs if job[0].startswith("baseline ")]
-
-    # 1. teachers (trained once, seed 0; MGD's wide teacher only when its row is asked for); the
-    #    baseline students need no teacher and keep the cores busy meanwhile
-    teacher_jobs = [("teacher", train_argv(out / "teacher", TEACHER, teacher_iters, 0, data_root),
-                     out / "teacher.log")]
-    if "mgd" in rows:
-        teacher_jobs.append(("wide teacher", train_argv(out / "wide_teacher", WIDE_TEACHER,
-                                                        teacher_iters, 0, data_root), out / "wide_teacher.log"))
-    run_all(teacher_jobs + baseline_jobs, args.jobs, "teachers and baselines")
-
-    # 2. offline pseudo labels for Zhu et al., and their quality against the held-back labels
-    diagnostics = None
-    if "zhu" in rows:
-        teacher, _ = evaluation.load_checkpoint(teacher_ckpt)
-        unlabeled_set = datasets.build_dataset("folder", unlabeled, None, classes_from="synthetic")
-        evaluation.save_predictions(teacher, unlabeled_set, pseudo, "cpu", threshold=0.5,
-                                    owner={"checkpoint": str(teacher_ckpt.resolve()), "threshold": 0.5},
-                                    log_every=500)
-        labelled_unlabeled = datasets.build_dataset("synthetic", data_root, "unlabeled")
-        diagnostics = evaluation.pseudo_label_diagnostics(pseudo, labelled_unlabeled)
+    # the slowest rows first, so that no core idles at the end waiting for one of them; the
+    # baselines, which need no teacher, fill the gaps
+    slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]  # slowest first (measured train times)
+    jobs.sort(key=lambda job: (job[0].startswith("baseline "),
+                               slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
+    results = run_all(teacher_jobs + jobs, args.jobs)
+    diagnostics = results.get("pseudo labels")
+    if diagnostics:
         evaluation.plot_diagnostics(diagnostics, out / "pseudo_label_diagnostics.png")
 
-    # 3. the distilled students
-    # the slowest rows first, so that no core idles at the end waiting for one of them
-    slow_first = sorted((job for job in jobs if job not in baseline_jobs),
-                        key=lambda job: job[0].split()[0] not in ("mgd", "xie_unlabeled", "skd_pi_pa_ho"))
-    run_all(slow_first, args.jobs, "students")
-
-    # 4. test-split evaluation, costs, table
+    # 2. test-split evaluation, costs, table
     teacher_miou = 100 * test_metrics(out / "teacher", data_root)["miou"]
     scores = {key: 100 * test_metrics(d, data_root)["miou"] for key, d in run_dirs.items()}
     fps_size = (128, 128) if quick else (512, 512)
@@ -349,19 +368,19 @@ def demo(args):
     table = format_results(results, costs, fps_size)
     print(table)
 
-    # 5. REPORT.md
+    # 3. REPORT.md
     shown = [("teacher", out / "teacher"), ("baseline", run_dirs["baseline", seeds[0]])] + \
             [(r, run_dirs[r, seeds[0]]) for r in rows if r != "baseline"][:4]
     columns = picture_grid(shown, data_root, out / "predictions.png")
     elapsed = time.perf_counter() - start
     machine = f"{machine_line()}, {args.jobs} parallel jobs x 1 thread"
-    report = [f"# kd-seg demo report", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
+    report = ["# kd-seg demo report", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
               f"Date: {time.strftime('%Y-%m-%d %H:%M')}; wall time {evaluation.format_eta(elapsed)}  ",
               f"Schedule: teacher {TEACHER} {teacher_iters} iterations; student {STUDENT} "
               f"{iters} iterations; seeds {seeds}; test split, last checkpoint.", "", table, "",
               "Gain: mean paired difference to the baseline (same seeds); verdict 'better' or "
               "'worse' when it exceeds two standard errors of the paired differences.", "",
-              f"![predictions](predictions.png)  ", f"Columns: {', '.join(columns)}.", ""]
+              "![predictions](predictions.png)  ", f"Columns: {', '.join(columns)}.", ""]
     if diagnostics:
         report += ["## Pseudo labels (teacher, unlabeled split, held-back labels)", "",
                    "| threshold | mIoU | precision | coverage |", "|---:|---:|---:|---:|"]
@@ -403,12 +422,14 @@ def benchmark(args):
 
     torch.manual_seed(0)
     num_classes = 8
-    teacher = models.build_model(TEACHER, num_classes, DEMO_OUTPUT_STRIDE).eval()
-    student = models.build_model(STUDENT, num_classes, DEMO_OUTPUT_STRIDE).train()
+    # as the demo trains: channels_last models and images, batch 8
+    teacher = models.build_model(TEACHER, num_classes, DEMO_OUTPUT_STRIDE).eval().to(memory_format=torch.channels_last)
+    student = models.build_model(STUDENT, num_classes, DEMO_OUTPUT_STRIDE).train().to(memory_format=torch.channels_last)
     data_root = Path(args.data_root or "data/synthetic")
     datasets.make_synthetic(data_root)  # real label maps: FGFI's boxes come from their objects
     data = datasets.build_dataset("synthetic", data_root, "train", train=True, crop_size=(48, 48))
-    images, labels = (torch.stack(t) for t in zip(*[data[i] for i in range(16)]))
+    images, labels = (torch.stack(t) for t in zip(*[data[i] for i in range(8)]))
+    images = images.contiguous(memory_format=torch.channels_last)
     task = argparse.Namespace(ohem=0.0, aux_weight=0.0)
     labeled_terms = dict(pixel=1, consistency=1, pairwise=0.5, holistic=0.1, imitation=0.01,
                          cwd=3, mgd_pixel=1)
@@ -442,7 +463,7 @@ def benchmark(args):
     plain = seconds_per_call(step_with({}))
     without_holistic = seconds_per_call(step_with({k: v for k, v in labeled_terms.items() if k != "holistic"}))
     distilled = seconds_per_call(step_with(labeled_terms))
-    print(f"demo step, batch 16 of 48x48 synthetic crops, {STUDENT} <- {TEACHER} (discriminator "
+    print(f"demo step, batch 8 of 48x48 synthetic crops, {STUDENT} <- {TEACHER} (discriminator "
           f"width 16, as the demo): plain student step "
           f"{1000 * plain:.0f} ms + teacher forward {1000 * teacher_forward:.0f} ms; step with "
           f"every labeled term {1000 * distilled:.0f} ms ({', '.join(labeled_terms)})")
