@@ -337,9 +337,9 @@ def demo(args):
             jobs.append((f"{row} seed {seed}", run_training, (
                 train_argv(run, STUDENT, iters, seed, data_root, flags), out / row / f"seed{seed}.log"), needs))
             (out / row).mkdir(parents=True, exist_ok=True)
-    # the slowest rows first, so that no core idles at the end waiting for one of them; the
-    # baselines, which need no teacher, fill the gaps
-    slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]  # slowest first (measured train times)
+    # the slowest rows first (by their measured train times), so that no core idles at the end
+    # waiting for one of them; the baselines, which need no teacher, fill the gaps
+    slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]
     jobs.sort(key=lambda job: (job[0].startswith("baseline "),
                                slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
     results = run_all(teacher_jobs + jobs, args.jobs)
@@ -423,8 +423,9 @@ def benchmark(args):
     torch.manual_seed(0)
     num_classes = 8
     # as the demo trains: channels_last models and images, batch 8
-    teacher = models.build_model(TEACHER, num_classes, DEMO_OUTPUT_STRIDE).eval().to(memory_format=torch.channels_last)
-    student = models.build_model(STUDENT, num_classes, DEMO_OUTPUT_STRIDE).train().to(memory_format=torch.channels_last)
+    teacher = models.build_model(TEACHER, num_classes, DEMO_OUTPUT_STRIDE).eval()
+    student = models.build_model(STUDENT, num_classes, DEMO_OUTPUT_STRIDE).train()
+    teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
     data_root = Path(args.data_root or "data/synthetic")
     datasets.make_synthetic(data_root)  # real label maps: FGFI's boxes come from their objects
     data = datasets.build_dataset("synthetic", data_root, "train", train=True, crop_size=(48, 48))
