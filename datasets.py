@@ -39,8 +39,8 @@ the rest. Classes:
   4 ring           an annulus 3-5 px thick (a thin structure: blurred at coarse output strides)
   5 striped_blob   a wobbly blob filled with fine stripes (period 4-8 px)
   6 checkered_blob the same blob filled with a fine checkerboard (the same outline as 5)
-  7 disk_in_ring   a small disk inside a ring: the size of the small class-1 disks; the ring
-                   around it (context) tells them apart, where their hues overlap only it
+  7 disk_in_ring   a small disk inside a ring, the size of the small class-1 disks: the ring
+                   around it (context) tells them apart, and their hue windows where they differ
 
 Objects are colourful (saturation 0.5-1), the background greyish (0-0.3), so colour finds
 objects. Each object class draws its hue from a window of width 0.17 around a hue of its own
@@ -667,9 +667,9 @@ SYNTHETIC_KNOBS = dict(
     objects_per_image=(3, 5),  # inclusive; more objects = more occlusion and clutter
     size_range=(0.15, 0.3),  # object radius as a fraction of image_size (10-19 px at 64)
     rotation=1.0,  # 1: shapes and textures at any angle; 0: all upright (far easier to learn)
-    small_disk_prob=0.5,  # free disks drawn at disk_in_ring's size: only context separates them
+    small_disk_prob=0.5,  # free disks drawn at disk_in_ring's size: context (and hue) separates them
     ring_thickness=(3.0, 5.0),  # pixels; thin structures suffer most at a coarse output stride
-    texture_period=(4.0, 8.0),  # pixels; stripes and checkers differ only at this fine scale
+    texture_period=(4.0, 8.0),  # pixels; stripes and checkers (same outline) differ at this scale
     texture_contrast=0.8,  # 0: blobs are flat (texture invisible), 1: full two-colour pattern
     shading=0.3,  # brightness ramp across each object, so flat colour is no cue
     background_contrast=0.7,  # strength of the large two-colour cloudy background field

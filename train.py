@@ -321,7 +321,7 @@ def train(args):
     out = Path(args.out)
     created = not out.exists()
     try:
-        return run(args, weights, rank, world, resume_from)
+        metrics = run(args, weights, rank, world, resume_from)
     except BaseException:
         # nothing half written: a run that fails before its first checkpoint leaves no folder
         if rank == 0 and created and out.exists() and not (out / "checkpoint.pt").exists():
@@ -329,6 +329,10 @@ def train(args):
                 f.unlink()
             out.rmdir()
         raise
+    if world > 1:  # shut down together: exiting with the group alive lets gloo abort (SIGABRT)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
 
 
 def run(args, weights, rank, world, resume_from):
@@ -513,9 +517,6 @@ def run(args, weights, rank, world, resume_from):
         if args.stop_at and done == args.stop_at:
             checkpoint(done)
             break
-    if world > 1:  # a clean shutdown, together: exiting with the group alive lets gloo abort
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"done in {evaluation.format_eta(time.perf_counter() - start_time)}"
               + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
