@@ -66,6 +66,7 @@ random down-scaling much below 0.75 blurs the finest of them away.
 """
 import bisect
 import colorsys
+import copy
 import json
 import math
 import os
@@ -655,6 +656,26 @@ def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0
     _, class_names, palette = DATASETS[name]
     return SegmentationFolder(images, labels, class_names, palette, lut, transforms,
                               THING_CLASSES[name])
+
+
+def keep_listed(dataset, list_path):
+    """The images of `dataset` named in `list_path`, in the list's order: a label partition such
+    as MGD's 1/16 of Cityscapes (CPS's `train_aug_labeled_1-16.txt`, or the one kd_seg.py writes).
+    One image per line, as an id or a path whose file name without suffix names the image; further
+    columns (the label's path) are ignored. A listed image that is not in the dataset is an error.
+    """
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"image list not found: {list_path}")
+    wanted = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in _read_lines(list_path)]
+    index_of = {os.path.splitext(os.path.basename(p))[0]: i for i, p in enumerate(dataset.image_paths)}
+    missing = [name for name in wanted if name not in index_of]
+    if missing or not wanted:
+        raise ValueError(f"{list_path}: " + (f"{len(missing)} listed images are not in the dataset "
+                         f"(first: {missing[0]})" if missing else "lists no image"))
+    subset = copy.copy(dataset)
+    subset.image_paths = [dataset.image_paths[index_of[name]] for name in wanted]
+    subset.label_paths = [dataset.label_paths[index_of[name]] for name in wanted]
+    return subset
 
 
 # ----------------------------------------------------------------------------------------------

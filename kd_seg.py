@@ -1,22 +1,27 @@
 """kd-seg: the five distillation papers for semantic segmentation, on one bench.
 
     python kd_seg.py                     # the demo: every paper's ablation on the synthetic
-                                         # benchmark, CPU, 3 seeds: 4-12 minutes on 2
-                                         # cores, depending on the CPU (README)
+                                         # benchmark, CPU, minutes (README)
     python kd_seg.py --quick             # a 60-second smoke run of the same pipeline
     python kd_seg.py --rows baseline,xie_lp_lc --seeds 0 1 2 3 4
-    python kd_seg.py --list              # the rows and the paper-scale recipes
-    python kd_seg.py --recipe skd2019 --dataset cityscapes --data-root /data/cityscapes
-                                         # prints the train.py commands of a paper's recipe
+    python kd_seg.py --list              # the rows and the paper recipes
+    python kd_seg.py --recipe skd2019 --data-root /data/cityscapes
+                                         # a paper's ablation table on real data, one GPU
+    python kd_seg.py --recipe skd2019 --data-root /data/cityscapes --dry-run
+                                         # every command it would run, touching nothing
 
-The demo makes the synthetic data if missing (datasets.make_synthetic), trains the teacher
-once (and MGD's second, wide teacher), labels the unlabeled split offline for Zhu et al., then
-trains the same student once per row and seed with the same schedule, and evaluates every
-model on the test split (the last checkpoint: nothing is chosen on test). It prints one table
-in the shape of the papers' ablation tables and writes <out>/REPORT.md with the table, a
-picture grid, the pseudo-label diagnostics and the exact command and machine. Every run
-folder is reused when it finished and resumed when it did not, so an interrupted demo
-continues where it stopped.
+One mechanism runs the demo and the recipes. A setting (the demo, or one paper's recipe) names
+a dataset, a teacher (MGD: two), a student, a schedule, the rows of the paper's ablation table
+and the evaluation protocol. From it come jobs, each one `train.py` or `eval.py` command line:
+the teacher(s), offline pseudo labels (Zhu et al.), the baseline student and every row x seed,
+and the evaluation of each. A job starts as soon as the jobs it needs have finished; a finished
+job is reused and an interrupted training resumed, so rerunning a command continues it. Then one
+table in the shape of the papers' ablation tables (params, GMACs, mIoU with spread, gain with
+its 95% interval, verdict, FPS, the paper's own numbers) and <out>/REPORT.md with the table,
+the commands, a picture grid and (demo) the pseudo-label diagnostics.
+
+The demo is the recipes' rows at CPU scale on synthetic data: one small teacher and student
+for all of them, a few hundred iterations, the test split (nothing is chosen on it).
 """
 import argparse
 import concurrent.futures as futures
@@ -26,8 +31,10 @@ import math
 import multiprocessing
 import os
 import platform
+import shlex
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,151 +47,458 @@ import losses
 import models
 import train
 
-TEACHER = "deeplabv3plus_resnet18_tiny"
-WIDE_TEACHER = "deeplabv3plus_wide_resnet_tiny"
-STUDENT = "deeplabv3plus_resnet18_micro"
-# The demo schedule shared by every training (teachers and students; the teachers only train
-# longer), sized so that the 30 student runs of the default demo (10 rows x 3 seeds) fit 10
-# minutes on 2 CPU cores: output stride 16 and 48x48 crops of the 64x64 images cost much less per
-# image than stride 8 at 64x64; batch 8 for twice the steps of batch 16 in the same time, lr 0.15
-# and scales 0.75-1.5 learned fastest on val (README, "tuning the demo").
-DEMO_OUTPUT_STRIDE = 16
-QUICK_COUNTS = {"train": 32, "unlabeled": 64, "val": 16, "test": 32}
-DEMO_FLAGS = ["--output-stride", str(DEMO_OUTPUT_STRIDE), "--crop-size", "48", "48", "--batch-size", "8",
-              "--lr", "0.15", "--scale-range", "0.75", "1.5", "--channels-last"]
-DEMO_ITERS, DEMO_TEACHER_ITERS = 260, 600
-
-# Demo rows: name -> (paper, what the row adds, train.py flags). Weights are the official
-# defaults (README, "paper value vs code default") unless the README's section "tuning the demo"
-# says otherwise. {unlabeled}, {pseudo}, {wide}, {warmup} are filled in. Rows with identical
-# flags share one run per seed.
+# ----------------------------------------------------------------------------- the rows
+# name -> (paper, what the row adds, train.py flags at the papers' official weights; README
+# "paper value vs code default"). A setting may replace a row's flags (its "overrides", each with
+# its reason). {unlabeled}, {pseudo}, {wide}, {warmup}, {small_crop} are filled in per setting.
+# Rows with identical flags in a setting share one run per seed.
 ROWS = {
     "baseline":      ("-", "student alone", []),
     "xie_lp":        ("Xie 2018", "+L_p", ["--kd", "pixel=1"]),
     "xie_lp_lc":     ("Xie 2018", "+L_p+L_c", ["--kd", "pixel=1,consistency=1"]),
     "xie_unlabeled": ("Xie 2018", "+L_p+L_c+unlabeled",
-                      ["--kd", "pixel=1,consistency=1,unlabeled=1", "--unlabeled-root", "{unlabeled}",
-                       "--unlabeled-batch-size", "4"]),  # 4 unlabeled images per step beside the 8 labeled
-    # SKD's pixel-wise term is Xie's L_p; its official weight 10 diverged here, 1 was best on
-    # val (README, "tuning the demo"), so skd_pi is the very run of xie_lp (run once, shared)
-    "skd_pi":        ("Liu 2019 SKD", "+pixel", ["--kd", "pixel=1"]),
-    "skd_pi_pa":     ("Liu 2019 SKD", "+pixel+pair-wise", ["--kd", "pixel=1,pairwise=0.5"]),
-    "skd_pi_pa_ho":  ("Liu 2019 SKD", "+pixel+pair-wise+holistic",
-                      ["--kd", "pixel=1,pairwise=0.5,holistic=0.1", "--d-width", "16"]),
-    "fgfi":          ("Wang 2019 FGFI", "+imitation (anchor mask)",
-                      ["--kd", "imitation=0.01", "--imitation-warmup", "{warmup}"]),
+                      ["--kd", "pixel=1,consistency=1,unlabeled=1", "--unlabeled-root", "{unlabeled}"]),
+    "skd_pi":        ("Liu 2019 SKD", "+pixel", ["--kd", "pixel=10"]),
+    "skd_pi_pa":     ("Liu 2019 SKD", "+pixel+pair-wise", ["--kd", "pixel=10,pairwise=0.5"]),
+    "skd_pi_pa_ho":  ("Liu 2019 SKD", "+pixel+pair-wise+holistic", ["--kd", "pixel=10,pairwise=0.5,holistic=0.1"]),
+    "fgfi":          ("Wang 2019 FGFI", "+imitation (anchor mask)", ["--kd", "imitation=0.01", "--imitation-warmup", "400"]),
     "zhu":           ("Zhu 2020", "+pseudo labels, centroid sampling",
-                      ["--unlabeled-root", "{unlabeled}", "--pseudo-labels", "{pseudo}",
-                       "--centroid-sampling", "0.5"]),
-    "zhu_c2f":       ("Zhu 2020", "+fast schedule (first half at 32x32 crops)",
-                      ["--unlabeled-root", "{unlabeled}", "--pseudo-labels", "{pseudo}",
-                       "--centroid-sampling", "0.5", "--coarse2fine", "0.5", "--small-crop", "32", "32"]),
+                      ["--unlabeled-root", "{unlabeled}", "--pseudo-labels", "{pseudo}", "--centroid-sampling", "0.5"]),
+    "zhu_c2f":       ("Zhu 2020", "+fast schedule (first half at half-size crops)",
+                      ["--unlabeled-root", "{unlabeled}", "--pseudo-labels", "{pseudo}", "--centroid-sampling", "0.5",
+                       "--coarse2fine", "0.5", "--small-crop", "{small_crop}"]),
     "mgd":           ("Qin 2022 MGD", "+two teachers, image/region/pixel",
-                      ["--kd", "mgd_pixel=1,mgd_image=0.001,mgd_region=100",
-                       "--wide-teacher-checkpoint", "{wide}", "--unlabeled-root", "{unlabeled}",
-                       "--unlabeled-batch-size", "4"]),  # 2 x 4 unlabeled images mixed into 4 per step
+                      ["--kd", "mgd_pixel=1,mgd_image=0.001,mgd_region=100", "--wide-teacher-checkpoint", "{wide}",
+                       "--unlabeled-root", "{unlabeled}"]),
     "cwd":           ("Shu 2021 CWD", "+channel-wise KD", ["--kd", "cwd=3"]),
 }
-DEFAULT_ROWS = [row for row in ROWS if row != "zhu_c2f"]
 
-# Paper-scale recipes for real datasets on one GPU (issue: README "recipes" table). Values:
-# (teacher, student, crop, batch, iters, lr, flags); provenance in the README.
+# ----------------------------------------------------------------------------- the settings
+TEACHER = "deeplabv3plus_resnet18_tiny"
+WIDE_TEACHER = "deeplabv3plus_wide_resnet_tiny"
+STUDENT = "deeplabv3plus_resnet18_micro"
+# The demo schedule shared by every training (the teachers only train longer), sized so that the
+# demo's student runs fit minutes on 2 CPU cores: output stride 16 and 48x48 crops of the 64x64
+# images cost much less per image than stride 8 at 64x64; batch 8 for twice the steps of batch 16
+# in the same time; lr 0.15 and scales 0.75-1.5 learned fastest on val (README, "tuning the demo").
+DEMO_FLAGS = ["--output-stride", "16", "--crop-size", "48", "48", "--batch-size", "8", "--lr", "0.15",
+              "--scale-range", "0.75", "1.5", "--channels-last", "--device", "cpu"]
+DEMO = {
+    "name": "demo", "paper": "every paper's rows, at CPU scale", "dataset": "synthetic",
+    "teacher": TEACHER, "wide_teacher": WIDE_TEACHER, "student": STUDENT,
+    "rows": [row for row in ROWS if row != "zhu_c2f"],   # `--rows zhu,zhu_c2f` compares the two
+    "flags": DEMO_FLAGS, "iters": 260, "teacher_iters": 600, "seeds": [0, 1, 2],
+    "eval": ["--split", "test", "--batch-size", "16", "--device", "cpu"], "fps_size": (512, 512),
+    "imagenet": False,
+    # README "tuning the demo": SKD's official pixel weight 10 diverged here, 1 was best on val (so
+    # skd_pi is the very run of xie_lp); the official D width 64 costs several student steps on
+    # a CPU; FGFI's warm-up is its official share (400 of ~40k iterations rounded up to 10%);
+    # 4 unlabeled images (MGD: 2 x 4 mixed into 4) per step beside the 8 labeled, for the budget.
+    "overrides": {
+        "skd_pi": ["--kd", "pixel=1"],
+        "skd_pi_pa": ["--kd", "pixel=1,pairwise=0.5"],
+        "skd_pi_pa_ho": ["--kd", "pixel=1,pairwise=0.5,holistic=0.1", "--d-width", "16"],
+        "fgfi": ["--kd", "imitation=0.01", "--imitation-warmup", "{warmup}"],
+        "xie_unlabeled": ROWS["xie_unlabeled"][2] + ["--unlabeled-batch-size", "4"],
+        "mgd": ROWS["mgd"][2] + ["--unlabeled-batch-size", "4"],
+        "zhu_c2f": ROWS["zhu_c2f"][2][:-1] + ["32", "32"],   # 32x32, not 24x24: the rings survive
+    },
+    "reported": {},
+}
+# A recipe: one paper's ablation table on real data with ImageNet-initialised backbones. Schedule
+# provenance (README "recipes"): SKD's run_train_val.sh, CIRKD's train_kd.py defaults, MGD's
+# exp.city config; Xie, FGFI and Zhu published no schedule, so theirs is the common setting of
+# the others (512x512 crops, batch 8, 40k iterations, SGD lr 0.01 poly). "flags" go to every
+# training of the recipe (teachers, baseline, rows); batch x accumulate = the paper's batch.
+COMMON = ["--crop-size", "512", "512", "--batch-size", "8", "--lr", "0.01", "--weight-decay", "1e-4",
+          "--scale-range", "0.5", "2.0"]
 RECIPES = {
-    "xie2018": ("deeplabv2_resnet101", "deeplabv2_mobilenetv2", 512, 8, 40000, 0.01,
-                ["--kd", "pixel=1,consistency=1"]),
-    "skd2019": ("pspnet_resnet101", "pspnet_resnet18", 512, 8, 40000, 0.01,
-                ["--kd", "pixel=10,pairwise=0.5,holistic=0.1", "--aux-weight", "0.4"]),
-    "fgfi2019": ("deeplabv3plus_resnet101", "deeplabv3plus_resnet18", 512, 8, 40000, 0.01,
-                 ["--kd", "imitation=0.01", "--imitation-warmup", "400"]),
-    "zhu2020": ("deeplabv3plus_resnet101", "deeplabv3plus_resnet18", 512, 8, 40000, 0.01,
-                ["--centroid-sampling", "0.5", "--coarse2fine", "0.5", "--small-crop", "256", "256"]),
-    "mgd2022": ("deeplabv3plus_resnet101", "deeplabv3plus_resnet18", 512, 8, 40000, 0.01,
-                ["--kd", "mgd_pixel=1,mgd_image=0.001,mgd_region=100", "--ohem", "0.7"]),
-    "cwd": ("deeplabv3plus_resnet101", "deeplabv3plus_resnet18", 512, 8, 40000, 0.01,
-            ["--kd", "cwd=3"]),
+    "xie2018": {
+        "paper": "Xie et al., BMVC 2018", "dataset": "pascal_context",
+        "teacher": "deeplabv2_resnet101", "student": "deeplabv2_mobilenetv2",
+        "rows": ["baseline", "xie_lp", "xie_lp_lc", "xie_unlabeled"],
+        "flags": COMMON, "iters": 40000, "teacher_iters": 40000, "eval": ["--split", "val"],
+        "reported": {"teacher": 48.5, "baseline": 40.9, "xie_lp": 42.3, "xie_lp_lc": 42.8, "xie_unlabeled": 43.8},
+    },
+    "skd2019": {
+        "paper": "Liu et al., CVPR 2019 (SKD)", "dataset": "cityscapes",
+        "teacher": "pspnet_resnet101", "student": "pspnet_resnet18",
+        "rows": ["baseline", "skd_pi", "skd_pi_pa", "skd_pi_pa_ho"],
+        # official: 512x512, batch 8, 40k steps, lr 0.01, wd 5e-4, scale 0.5-2.0, PSP aux loss 0.4;
+        # evaluation on the whole 1024x2048 image, one scale, no flip
+        "flags": ["--crop-size", "512", "512", "--batch-size", "8", "--lr", "0.01", "--weight-decay", "5e-4",
+                  "--scale-range", "0.5", "2.0", "--aux-weight", "0.4"],
+        "iters": 40000, "teacher_iters": 40000, "eval": ["--split", "val"],
+        "reported": {"baseline": 69.10, "skd_pi": 70.51, "skd_pi_pa": 71.78, "skd_pi_pa_ho": 74.08},
+    },
+    "fgfi2019": {
+        "paper": "Wang et al., CVPR 2019 (FGFI), adapted", "dataset": "cityscapes",
+        "teacher": "deeplabv3plus_resnet101", "student": "deeplabv3plus_resnet18",
+        "rows": ["baseline", "fgfi"], "flags": COMMON, "iters": 40000, "teacher_iters": 40000,
+        "eval": ["--split", "val"], "reported": {},
+    },
+    "zhu2020": {
+        # self-training: the student is the teacher's own architecture (as in the paper)
+        "paper": "Zhu et al., 2020 (self-training)", "dataset": "cityscapes",
+        "teacher": "deeplabv3plus_resnet101", "student": "deeplabv3plus_resnet101",
+        "rows": ["baseline", "zhu", "zhu_c2f"], "flags": COMMON, "iters": 40000, "teacher_iters": 40000,
+        "eval": ["--split", "val"], "reported": {"teacher": 78.1, "zhu": 79.0},
+    },
+    "mgd2022": {
+        "paper": "Qin et al., ECCV 2022 (MGD)", "dataset": "cityscapes", "partition": 16,
+        "teacher": "deeplabv3plus_resnet101", "wide_teacher": "deeplabv3plus_wide_resnet50",
+        "student": "deeplabv3plus_resnet18", "rows": ["baseline", "mgd"],
+        # official exp.city: 800x800 crops, 16 images (2 per GPU on 8 GPUs), lr 0.02, wd 1e-4,
+        # scales 0.5-2.0, OHEM 0.7; 137 epochs of the unlabeled part (about 24k iterations at
+        # 1/16); evaluation: 800x800 sliding window, stride 2/3, one scale, no flip
+        "flags": ["--crop-size", "800", "800", "--batch-size", "8", "--accumulate", "2", "--lr", "0.02",
+                  "--weight-decay", "1e-4", "--scale-range", "0.5", "2.0", "--ohem", "0.7"],
+        "iters": 24000, "teacher_iters": 24000, "eval": ["--split", "val", "--window", "800", "800"],
+        "reported": {},   # MGD reports gains: +11.5 (ResNet-18) over the baseline at 1/16
+    },
+    "cwd": {
+        "paper": "Shu et al., ICCV 2021 (CWD), CIRKD's setting", "dataset": "cityscapes",
+        "teacher": "deeplabv3_resnet101", "student": "deeplabv3_resnet18", "rows": ["baseline", "cwd"],
+        # CIRKD train_kd.py: 512x1024 crops, batch 16, 40k iterations, lr 0.02, wd 1e-4; whole-image
+        # evaluation at 1024x2048
+        "flags": ["--crop-size", "512", "1024", "--batch-size", "8", "--accumulate", "2", "--lr", "0.02",
+                  "--weight-decay", "1e-4", "--scale-range", "0.5", "2.0"],
+        "iters": 40000, "teacher_iters": 40000, "eval": ["--split", "val"],
+        "reported": {"teacher": 78.07, "baseline": 74.21, "cwd": 75.55},   # CIRKD's README
+    },
+}
+for _name, _recipe in RECIPES.items():
+    _recipe.update(name=_name, seeds=[0], imagenet=True, overrides=_recipe.get("overrides", {}))
+# the cost columns' input size: the resolution each dataset is evaluated at (DATASETS.md)
+FPS_SIZE = {"cityscapes": (1024, 2048)}
+QUICK_COUNTS = {"train": 32, "unlabeled": 64, "val": 16, "test": 32}
+# torchvision's ImageNet checkpoints (the V1 weights) by backbone; --weights-dir holds these names
+IMAGENET_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    "wide_resnet50": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "mobilenetv2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
 }
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="kd-seg demo: the papers' ablations on synthetic data.")
-    p.add_argument("--quick", action="store_true", help="60 s smoke run (tiny schedule, 1 seed)")
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                   help="comma-separated rows (see --list; default: all but zhu_c2f, which "
-                        "`--rows zhu,zhu_c2f` compares with Zhu's plain schedule)")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--iters", type=int, help=f"student iterations (default {DEMO_ITERS}; quick: 10)")
-    p.add_argument("--teacher-iters", type=int,
-                   help=f"teacher iterations (default {DEMO_TEACHER_ITERS}; quick: 20)")
-    p.add_argument("--data-root", help="synthetic data folder, made if missing (default "
-                   "data/synthetic; quick: data/synthetic_quick, a small copy)")
-    p.add_argument("--out", help="output folder (default runs/demo; quick: runs/quick)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="trainings run in parallel, one thread each (tiny models scale better "
-                        "across processes than across threads; default: all cores)")
+    p = argparse.ArgumentParser(
+        description="kd-seg: the papers' ablation tables, as a CPU demo on synthetic data (default) "
+                    "or a paper's recipe on real data (--recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a paper's ablation table on real data")
+    p.add_argument("--dataset", help="dataset of the recipe (default: its paper's; see datasets.py)")
+    p.add_argument("--data-root", help="dataset root (default: data/<dataset>; the demo makes "
+                                       "data/synthetic, or data/synthetic_quick with --quick)")
+    p.add_argument("--rows", help="comma-separated rows (see --list; default: the setting's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (demo 0 1 2; recipes 0)")
+    p.add_argument("--iters", type=int, help="student iterations (default: the setting's)")
+    p.add_argument("--teacher-iters", type=int, help="teacher iterations (default: the setting's)")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/quick or runs/<recipe>)")
+    p.add_argument("--jobs", type=int, help="trainings run at once: the demo one per core with one "
+                   "thread each (tiny models scale better across processes); recipes one at a time")
+    p.add_argument("--dry-run", action="store_true", help="print every command and touch nothing")
+    p.add_argument("--quick", action="store_true", help="the demo as a 60 s smoke run")
+    p.add_argument("--smoke", action="store_true",
+                   help="a recipe with its real models at 2 iterations, 64x64 crops, one seed")
+    p.add_argument("--teacher-checkpoint", help="a trained teacher: skip the teacher training")
+    p.add_argument("--wide-teacher-checkpoint", help="MGD's trained wide teacher")
+    p.add_argument("--weights-dir", help="folder of torchvision ImageNet files under their own names "
+                   "(resnet101-63fe2227.pth, ...) for an offline machine; default: download and cache")
+    p.add_argument("--unlabeled-root", help="unlabeled images (Xie, Zhu; Cityscapes default: "
+                                            "leftImg8bit/train_extra)")
+    p.add_argument("--partition", type=int, metavar="K",
+                   help="label partition 1/K of the train split, the rest unlabeled (MGD: 16)")
     p.add_argument("--list", action="store_true", help="print the rows and recipes and exit")
     p.add_argument("--benchmark", action="store_true",
                    help="print the README's speed ratios (FPS of Xie's pair, cost of the terms)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="print a paper recipe's commands")
-    p.add_argument("--dataset", default="cityscapes", help="with --recipe: dataset name")
     return p
 
 
-# ----------------------------------------------------------------------------- jobs
-def run_training(argv, log_path):
-    """One train.py run in this (worker) process, its output in `log_path`; returns the out dir."""
-    torch.set_num_threads(1)
-    args = train.get_args_parser().parse_args(argv)
-    ckpt = Path(args.out) / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["step"] >= args.iters:
-            return args.out  # finished earlier: reuse
-        args.resume = True
-    elif Path(args.out).exists():  # started but never checkpointed: ours, start again
-        for f in Path(args.out).iterdir():
-            f.unlink()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+# ----------------------------------------------------------------------------- planning
+def choose_setting(args):
+    """The setting to run (the demo or a recipe) with the command line's changes applied."""
+    for name in ("iters", "teacher_iters", "jobs", "partition"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds: each seed once, got {args.seeds} (a repeated seed would train "
+                         "one run twice into one folder)")
+    if args.recipe is None and (args.smoke or args.dataset):
+        raise ValueError("--smoke and --dataset go with --recipe (the demo's data is synthetic)")
+    if args.recipe is not None and args.quick:
+        raise ValueError("--quick is the demo's smoke run; a recipe's is --smoke")
+    setting = json.loads(json.dumps(RECIPES[args.recipe] if args.recipe else DEMO))  # a deep copy
+    if args.dataset:
+        setting["dataset"] = args.dataset
+    if args.partition:
+        setting["partition"] = args.partition
+    if args.quick:   # the demo's pipeline in a minute: a small copy of the data, 10/20 iterations
+        setting.update(iters=10, teacher_iters=20, seeds=[0], fps_size=(128, 128))
+    if args.smoke:   # every step with the recipe's real models, as small as they run
+        setting.update(iters=2, teacher_iters=2, seeds=[0], fps_size=(64, 64))
+        for flag, values in (("--crop-size", ["64", "64"]), ("--batch-size", ["2"]), ("--accumulate", ["1"])):
+            setting["flags"] = set_flag(setting["flags"], flag, values)
+        setting["eval"] = set_flag(setting["eval"], "--window", [])
+    for name in ("iters", "teacher_iters", "seeds"):
+        if getattr(args, name) is not None:
+            setting[name] = getattr(args, name)
+    if args.rows:
+        setting["rows"] = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in setting["rows"] if r not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(ROWS)}")
+    if "baseline" not in setting["rows"]:
+        setting["rows"].insert(0, "baseline")  # every gain is measured against it
+    if any("{wide}" in ROWS[r][2] for r in setting["rows"]) and "wide_teacher" not in setting:
+        raise ValueError(f"row mgd needs a wide teacher, which recipe {setting['name']} does not have")
+    return setting
+
+
+def set_flag(flags, flag, values):
+    """`flags` with `flag` given `values` (replacing its old values; [] removes the flag)."""
+    flags = list(flags)
+    if flag in flags:
+        start = end = flags.index(flag)
+        end += 1
+        while end < len(flags) and not flags[end].startswith("--"):
+            end += 1
+        del flags[start:end]
+    return flags + ([flag, *values] if values else [])
+
+
+def flag_values(flags, flag):
+    if flag not in flags:
+        return []
+    start = flags.index(flag) + 1
+    end = start
+    while end < len(flags) and not flags[end].startswith("--"):
+        end += 1
+    return flags[start:end]
+
+
+def imagenet_weights(model, weights_dir, check):
+    """The torchvision ImageNet file of `model`'s backbone: a path in weights_dir, or its URL
+    (downloaded once into torch's cache when `check`, so that a machine without internet fails
+    here, in one line, before any training starts)."""
+    backbone = model.partition("_")[2]
+    url = IMAGENET_URLS.get(backbone)
+    if url is None:
+        raise ValueError(f"no ImageNet checkpoint for backbone {backbone} (known: {', '.join(IMAGENET_URLS)})")
+    file_name = url.rsplit("/", 1)[1]
+    if weights_dir:
+        path = Path(weights_dir) / file_name
+        if check and not path.is_file():
+            raise FileNotFoundError(f"--weights-dir: {path} not found; download {url} and place it there")
+        return str(path)
+    if check:
+        try:
+            torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"cannot download {url} ({type(error).__name__}); offline, place "
+                             f"{file_name} in a folder and pass --weights-dir DIR") from None
+    return url
+
+
+def plan(setting, args, out, data_root, check=True):
+    """The jobs of a setting: (name, script, argv, needs) in priority order, plus the run folder
+    of each (row, seed), the teacher checkpoints, and the in-process steps before them.
+
+    `check` (False for --dry-run) lets the plan read the dataset and fetch ImageNet weights."""
+    dataset, rows, seeds = setting["dataset"], setting["rows"], setting["seeds"]
+    flags = list(setting["flags"])
+    crop = flag_values(flags, "--crop-size")
+    if setting["name"] != "demo":
+        flags = ["--dataset", dataset] + flags
+        if not args.smoke:   # on a GPU: decode images in parallel to the step
+            flags += ["--workers", str(min(8, os.cpu_count() or 1)), "--channels-last"]
+    pre_steps = []            # (description, function, args): done in this process before the jobs
+    fill = {"{warmup}": [str(max(1, setting["iters"] // 10))],
+            "{small_crop}": [str(int(c) // 2) for c in crop],
+            "{pseudo}": [str(out / "pseudo_labels")],
+            "{wide}": [args.wide_teacher_checkpoint or str(out / "wide_teacher" / "checkpoint.pt")]}
+    # unlabeled images: the demo's unlabeled split; a label partition's rest; or a folder
+    unlabeled = None
+    if dataset == "synthetic":
+        unlabeled = [str(data_root / "images" / "unlabeled")]
+    if setting.get("partition"):
+        k = setting["partition"]
+        lists = out / "partition"
+        labeled_list, unlabeled_list = lists / f"labeled_1-{k}.txt", lists / f"unlabeled_1-{k}.txt"
+        flags += ["--train-subset", str(labeled_list)]
+        if check:
+            train_set = datasets.build_dataset(dataset, str(data_root), "train")
+            image_folder = os.path.commonpath([os.path.dirname(p) for p in train_set.image_paths])
+        else:
+            image_folder = f"<folder of the {dataset} train images>"
+        unlabeled = [str(image_folder), "--unlabeled-subset", str(unlabeled_list)]
+        pre_steps.append((f"write a 1/{k} label partition of the train split (seed 0): {labeled_list}, "
+                          f"{unlabeled_list}", write_partition, (dataset, data_root, k, lists)))
+    elif args.unlabeled_root or dataset == "cityscapes":
+        unlabeled = [args.unlabeled_root or str(data_root / "leftImg8bit" / "train_extra")]
+    fill["{unlabeled}"] = unlabeled
+
+    def row_flags(row):
+        row_flags = setting["overrides"].get(row, ROWS[row][2])
+        if "{unlabeled}" in row_flags and unlabeled is None:
+            raise ValueError(f"row {row} needs unlabeled images: give --unlabeled-root DIR (or leave "
+                             "the row out with --rows)")
+        return [value for flag in row_flags for value in fill.get(flag, [flag])]
+
+    for row in rows:   # every row's inputs exist before any download or training starts
+        row_flags(row)
+
+    def training(out_dir, model, iters, seed, extra=(), imagenet=True):
+        argv = ["--model", model, "--iters", str(iters), "--seed", str(seed), "--data-root", str(data_root),
+                "--out", str(out_dir), "--log-every", "50", *flags, *extra]
+        if setting["imagenet"] and imagenet:
+            argv += ["--pretrained", imagenet_weights(model, args.weights_dir, check)]
+        return argv
+
+    def evaluation_job(name, checkpoint, json_path, needs):
+        argv = ["--checkpoint", str(checkpoint), "--dataset", dataset, "--data-root", str(data_root),
+                *setting["eval"], "--workers", "0", "--json", str(json_path)]
+        return (f"{name} eval", "eval.py", argv, needs)
+
+    jobs, teachers = [], {}
+    teacher_ckpt = Path(args.teacher_checkpoint) if args.teacher_checkpoint else out / "teacher" / "checkpoint.pt"
+    teachers["teacher"] = teacher_ckpt
+    if not args.teacher_checkpoint:
+        jobs.append(("teacher", "train.py", training(out / "teacher", setting["teacher"], setting["teacher_iters"], 0), []))
+    # a given teacher's folder is not ours: its evaluation is written here
+    teachers["eval"] = out / "teacher_eval.json" if args.teacher_checkpoint else out / "teacher" / "eval.json"
+    jobs.append(evaluation_job("teacher", teacher_ckpt, teachers["eval"], [] if args.teacher_checkpoint else ["teacher"]))
+    needs_wide = any("{wide}" in ROWS[r][2] for r in rows)
+    if needs_wide and not args.wide_teacher_checkpoint:
+        jobs.append(("wide teacher", "train.py", training(out / "wide_teacher", setting["wide_teacher"],
+                                                           setting["teacher_iters"], 0), []))
+    if any("{pseudo}" in ROWS[r][2] for r in rows):   # Zhu et al.: offline, confidence 0.5
+        argv = ["--checkpoint", str(teacher_ckpt), "--dataset", "folder", "--data-root", unlabeled[0],
+                "--save-pred", str(out / "pseudo_labels"), "--threshold", "0.5", "--workers", "0",
+                "--json", str(out / "pseudo_labels.json")]
+        jobs.append(("pseudo labels", "eval.py", argv, [] if args.teacher_checkpoint else ["teacher"]))
+    teacher_jobs, jobs, run_dirs, first_with = jobs, [], {}, {}
+    for row in rows:
+        extra = row_flags(row)
+        needs = [] if args.teacher_checkpoint else ["teacher"] if "--kd" in extra else []
+        if "--kd" in extra:   # online distillation; Zhu's rows use the offline pseudo labels
+            extra += ["--teacher-checkpoint", str(teacher_ckpt)]
+        if needs_wide and "{wide}" in ROWS[row][2] and not args.wide_teacher_checkpoint:
+            needs.append("wide teacher")
+        if "--pseudo-labels" in extra:
+            needs.append("pseudo labels")
+        key = tuple(extra)
+        for seed in seeds:
+            if key in first_with:   # the identical run already exists under an earlier row
+                run_dirs[row, seed] = run_dirs[first_with[key], seed]
+                continue
+            run = out / row / f"seed{seed}"
+            run_dirs[row, seed] = run
+            jobs.append((f"{row} seed {seed}", "train.py", training(run, setting["student"], setting["iters"], seed, extra), needs))
+            jobs.append(evaluation_job(f"{row} seed {seed}", run / "checkpoint.pt", run / "eval.json",
+                                       [f"{row} seed {seed}"]))
+        first_with.setdefault(key, row)
+    # the slowest rows first (their measured train times), so that no worker idles at the end
+    # waiting for one of them; the baselines, which need no teacher, fill the gaps
+    slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]
+    jobs.sort(key=lambda job: (job[0].startswith("baseline "),
+                               slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
+    return teacher_jobs + jobs, run_dirs, teachers, pre_steps
+
+
+def write_partition(dataset, data_root, k, folder):
+    """A seeded 1/k label partition of the train split, as two image lists (datasets.keep_listed).
+    The official MGD code uses CPS's fixed lists; those can be given to train.py instead."""
+    if (folder / f"labeled_1-{k}.txt").is_file():
+        return
+    train_set = datasets.build_dataset(dataset, str(data_root), "train")
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
+    count = max(1, len(order) // k)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, indices in ((f"unlabeled_1-{k}.txt", order[count:]), (f"labeled_1-{k}.txt", order[:count])):
+        lines = [os.path.relpath(train_set.image_paths[i], data_root) for i in sorted(indices)]
+        (folder / (name + ".tmp")).write_text("".join(line + "\n" for line in lines))
+        os.replace(folder / (name + ".tmp"), folder / name)   # the labeled list last: "done"
+
+
+def command_line(script, argv):
+    return " ".join(["python", script, *map(shlex.quote, argv)])
+
+
+# ----------------------------------------------------------------------------- running jobs
+def end_with_parent():
+    """Pool workers exit when kd_seg.py does, even after a kill -9 of it: a thread watches for
+    the parent's death (the worker is then adopted by another process) and ends the worker."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_job(script, argv, log_path, threads):
+    """One train.py / eval.py command line, run in this worker process with its output in
+    `log_path`. A finished job is reused (a training whose checkpoint reached its iterations, an
+    evaluation whose --json exists); an interrupted training resumes. Returns the job's result."""
+    if threads:
+        torch.set_num_threads(threads)
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+        if script == "eval.py":
+            args = evaluation.get_args_parser().parse_args(argv)
+            if not Path(args.json).is_file():
+                evaluation.main(args)
+            return json.loads(Path(args.json).read_text())
+        args = train.get_args_parser().parse_args(argv)
+        out = Path(args.out)
+        if (out / "checkpoint.pt").exists():
+            if finished_step(out) >= args.iters:
+                return str(out)
+            args.resume = True
+        elif out.exists():   # started but never checkpointed: ours, start again
+            for f in out.iterdir():
+                f.unlink()
+        start = time.perf_counter()
         train.train(args)
-    if not args.resume:  # a whole training: its wall time is a result (Zhu's fast schedule)
-        (Path(args.out) / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-    test_metrics(args.out, args.data_root)  # here, in parallel, rather than one by one at the end
-    return args.out
+        if not args.resume:   # a whole training: its wall time is a result (Zhu's fast schedule)
+            (out / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+        return str(out)
 
 
-def pseudo_label_job(teacher_ckpt, unlabeled, pseudo, data_root):
-    """Zhu et al.: the teacher labels the unlabeled split offline (confidence threshold 0.5);
-    returns the labels' quality against the split's held-back labels."""
-    torch.set_num_threads(1)
-    teacher, _ = evaluation.load_checkpoint(teacher_ckpt)
-    unlabeled_set = datasets.build_dataset("folder", unlabeled, None, classes_from="synthetic")
-    with open(Path(pseudo).parent / "pseudo_labels.log", "a") as log, contextlib.redirect_stdout(log):
-        evaluation.save_predictions(teacher, unlabeled_set, pseudo, "cpu", threshold=0.5,
-                                    owner={"checkpoint": str(Path(teacher_ckpt).resolve()), "threshold": 0.5},
-                                    log_every=500)
-    labelled_unlabeled = datasets.build_dataset("synthetic", data_root, "unlabeled")
-    return evaluation.pseudo_label_diagnostics(pseudo, labelled_unlabeled)
+def finished_step(run_dir):
+    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    return state["step"]
 
 
-def run_all(jobs, workers):
+def run_all(jobs, workers, threads, out):
     """Run jobs in a process pool, each as soon as the jobs it needs have finished, printing
-    progress with an ETA. jobs: (name, function, args, needs) in priority order (the slowest
-    first, so that no core idles at the end waiting for one of them). Returns {name: result}."""
+    progress with an ETA. Returns {name: result}; a failed job stops the run with its message."""
     results, running, todo = {}, {}, list(jobs)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
-    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=end_with_parent) as pool:
         while todo or running:
             for job in [job for job in todo if set(job[3]) <= results.keys()][:workers - len(running)]:
                 todo.remove(job)
-                running[pool.submit(job[1], *job[2])] = job[0]
+                name, script, argv, _ = job
+                log = out / (name.replace(" ", "_").replace("/", "_") + ".log")
+                running[pool.submit(run_job, script, argv, log, threads)] = (name, log)
             if not running:
                 raise ValueError(f"jobs {[job[0] for job in todo]} need jobs that are not in the list")
             finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
             for future in finished:
-                name = running.pop(future)
-                results[name] = future.result()  # re-raise a failed job here
+                name, log = running.pop(future)
+                try:
+                    results[name] = future.result()
+                except Exception as error:
+                    for other in running:
+                        other.cancel()
+                    raise ValueError(f"job '{name}' failed: {train.one_line(error)} (log: {log})") from None
                 elapsed = time.perf_counter() - start
                 eta = elapsed / len(results) * (len(jobs) - len(results))
                 print(f"{len(results)}/{len(jobs)} | {name} done | elapsed {evaluation.format_eta(elapsed)} "
@@ -192,29 +506,57 @@ def run_all(jobs, workers):
     return results
 
 
-def train_argv(out, model, iters, seed, data_root, extra=()):
-    return ["--model", model, "--iters", str(iters), "--seed", str(seed), "--data-root",
-            str(data_root), "--out", str(out), "--device", "cpu", "--log-every", "50",
-            *DEMO_FLAGS, *extra]
-
-
 # ----------------------------------------------------------------------------- results
 def machine_line():
     return f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def test_metrics(run_dir, data_root):
-    """Test-split metrics of a finished run (cached in <run>/test.json)."""
-    cache = Path(run_dir) / "test.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    model, _ = evaluation.load_checkpoint(Path(run_dir) / "checkpoint.pt")
-    test_set = datasets.build_dataset("synthetic", data_root, "test")
-    loader = torch.utils.data.DataLoader(test_set, batch_size=16)
-    metrics = evaluation.evaluate(model, loader, "cpu", test_set.num_classes)
-    cache.with_suffix(".tmp").write_text(json.dumps(metrics))
-    os.replace(cache.with_suffix(".tmp"), cache)
-    return metrics
+# Two-sided 95% quantiles of Student's t distribution for 1..30 degrees of freedom (beyond 30
+# the normal quantile 1.96 is within 4%): the paired t test of the verdicts.
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]
+
+
+def gain_interval(gains):
+    """Mean paired gain over the baseline and the half-width of its 95% confidence interval
+    (paired t test, n - 1 degrees of freedom); None for the width with a single seed."""
+    mean = statistics.mean(gains)
+    if len(gains) < 2:
+        return mean, None
+    t = T_975[len(gains) - 2] if len(gains) - 1 <= len(T_975) else 1.96
+    return mean, t * statistics.stdev(gains) / math.sqrt(len(gains))
+
+
+def verdict(gains):
+    """'better' / 'worse' when the 95% interval of the mean paired gain excludes 0, else
+    'inconclusive' (not 'no effect': a test that fails to reject shows no equivalence)."""
+    mean, half_width = gain_interval(gains)
+    if half_width is None:
+        return "n/a (1 seed)"
+    if abs(mean) <= half_width or mean == 0:
+        return "inconclusive"
+    return "better" if mean > 0 else "worse"
+
+
+def format_results(rows, with_reported):
+    head = "| row | paper | adds | params (M) | GMACs | mIoU | gain [95% CI] | verdict | FPS | train (s) |"
+    rule = "|---|---|---|---:|---:|---:|---:|---|---:|---:|"
+    if with_reported:
+        head, rule = head + " paper's mIoU |", rule + "---:|"
+    lines = [head, rule]
+    for r in rows:
+        miou = f"{r['mean']:.1f} ± {r['std']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
+        gain = ""
+        if r["gain"] is not None:
+            gain = f"{r['gain']:+.1f}" + (f" [{r['gain'] - r['ci']:+.1f}, {r['gain'] + r['ci']:+.1f}]"
+                                          if r["ci"] is not None else "")
+        line = (f"| {r['name']} | {r['paper']} | {r['adds']} | {r['params_m']:.2f} | {r['gmacs']:.3f} | "
+                f"{miou} | {gain} | {r['verdict']} | {r['fps']:.1f} | {r['train_s']} |")
+        if with_reported:
+            line += f" {r['reported']} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def train_seconds(run_dirs):
@@ -225,174 +567,148 @@ def train_seconds(run_dirs):
     return f"{statistics.mean(float(f.read_text()) for f in files):.0f}"
 
 
-def verdict(gains):
-    """Paired gains over the baseline (one per seed) -> better / worse / indistinguishable:
-    'better' when the mean gain exceeds two standard errors of the paired differences."""
-    if len(gains) < 2:
-        return "n/a (1 seed)"
-    mean, se = statistics.mean(gains), statistics.stdev(gains) / math.sqrt(len(gains))
-    if abs(mean) <= 2 * se or mean == 0:
-        return "indistinguishable"
-    return "better" if mean > 0 else "worse"
+def cost_of(checkpoint, fps_size, quick, threads, json_path):
+    """Params, GMACs and FPS of a trained model as deployed (eval.py --fps, DATASETS.md protocol),
+    measured here after every training so that nothing else runs beside it. Cached in json_path."""
+    argv = ["--checkpoint", str(checkpoint), "--fps", "--fps-size", *map(str, fps_size),
+            "--json", str(json_path)] + (["--fps-iters", "5", "--fps-seconds", "0.5"] if quick else [])
+    if threads:
+        argv += ["--threads", str(threads)]
+    if not Path(json_path).is_file():
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            evaluation.main(evaluation.get_args_parser().parse_args(argv))
+    result = json.loads(Path(json_path).read_text())
+    return {"params_m": result["params_m"], "gmacs": result["gflops"] / 2, "fps": result["fps"]["fps"]}
 
 
-def cost_of(model_name, num_classes, size, quick=False):
-    """Params, GFLOPs and CPU FPS (DATASETS.md protocol; quick: a rough 10-iteration figure)."""
-    model = models.build_model(model_name, num_classes, output_stride=DEMO_OUTPUT_STRIDE)
-    fps = evaluation.measure_fps(model, size, "cpu", iters=10 if quick else 200,
-                                 min_seconds=1.0 if quick else 3.0)
-    return {"params_m": evaluation.count_params(model) / 1e6,
-            "gflops": evaluation.count_gflops(model, size), "fps": fps["fps"]}
-
-
-def format_results(rows, costs, fps_size):
-    head = (f"| row | paper | adds | params (M) | GFLOPs | test mIoU | gain | verdict | "
-            f"FPS @{fps_size[0]}x{fps_size[1]} | train (s) |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
-    for r in rows:
-        c = costs[r["model"]]
-        miou = f"{r['mean']:.1f} ± {r['std']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
-        gain = "" if r["gain"] is None else f"{r['gain']:+.1f}"
-        lines.append(f"| {r['name']} | {r['paper']} | {r['adds']} | {c['params_m']:.2f} | "
-                     f"{c['gflops']:.3f} | {miou} | {gain} | {r['verdict']} | {c['fps']:.0f} | "
-                     f"{r['train_s']} |")
-    return "\n".join(lines)
-
-
-def picture_grid(run_dirs, data_root, path, count=6):
-    """Rows of test images: image, ground truth, then each model's prediction."""
-    test_set = datasets.build_dataset("synthetic", data_root, "test")
-    nets = [(name, evaluation.load_checkpoint(Path(d) / "checkpoint.pt")[0]) for name, d in run_dirs]
-    size = 64
-    columns = 2 + len(nets)
-    grid = Image.new("RGB", (columns * (size + 4), count * (size + 4)), "white")
+def picture_grid(checkpoints, dataset, path, count=6, width=128):
+    """Rows of evaluation images: image, ground truth, then each model's prediction."""
+    nets = [(name, evaluation.load_checkpoint(c)[0]) for name, c in checkpoints]
+    count = min(count, len(dataset))
+    image0 = Image.open(dataset.image_paths[0])
+    size = (width, max(1, round(width * image0.height / image0.width)))
+    grid = Image.new("RGB", ((2 + len(nets)) * (size[0] + 4), count * (size[1] + 4)), "white")
     for row in range(count):
-        image, label = test_set[row]
-        pictures = [Image.open(test_set.image_paths[row]).convert("RGB"),
-                    datasets.colorize(label.numpy(), test_set.palette)]
+        image, label = dataset[row]
+        pictures = [Image.open(dataset.image_paths[row]).convert("RGB").resize(size, Image.BILINEAR),
+                    datasets.colorize(label.numpy(), dataset.palette)]
         for _, net in nets:
             with torch.inference_mode():
                 pred = evaluation.predict(net, image[None], label.shape)[0].argmax(0)
-            pictures.append(datasets.colorize(pred.numpy(), test_set.palette))
+            pictures.append(datasets.colorize(pred.numpy(), dataset.palette))
         for col, pic in enumerate(pictures):
-            grid.paste(pic.resize((size, size), Image.NEAREST), (col * (size + 4), row * (size + 4)))
+            grid.paste(pic.resize(size, Image.NEAREST), (col * (size[0] + 4), row * (size[1] + 4)))
     evaluation.save_image_atomic(grid, path)
     return ["image", "ground truth"] + [name for name, _ in nets]
 
 
-# ----------------------------------------------------------------------------- the demo
-def demo(args):
-    quick = args.quick
-    seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    iters = args.iters or (10 if quick else DEMO_ITERS)
-    teacher_iters = args.teacher_iters or (20 if quick else DEMO_TEACHER_ITERS)
-    out = Path(args.out or ("runs/quick" if quick else "runs/demo"))
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-    if "baseline" not in rows:
-        rows.insert(0, "baseline")  # every gain is measured against it
+# ----------------------------------------------------------------------------- the run
+def run(args):
+    """The demo (no --recipe) or a paper's recipe: plan, run every job, print and write the table."""
+    setting = choose_setting(args)
+    name = setting["name"]
+    out = Path(args.out or ("runs/quick" if args.quick else f"runs/{name}_smoke" if args.smoke else f"runs/{name}"))
+    dataset = setting["dataset"]
+    data_root = Path(args.data_root or ("data/synthetic_quick" if args.quick else f"data/{dataset}"))
+    demo = name == "demo"
+    # at CPU scale (the demo, a smoke run) one job per core with one thread each: tiny models
+    # scale better across processes than across threads; on a GPU one job at a time
+    cpu_scale = demo or args.smoke
+    jobs_at_once = args.jobs or ((os.cpu_count() or 1) if cpu_scale else 1)
+    threads = 1 if cpu_scale else None
+    if args.dry_run:
+        jobs, _, _, pre_steps = plan(setting, args, out, data_root, check=False)
+        if demo:
+            print(f"# make the synthetic data if missing: python -c \"import datasets; "
+                  f"datasets.make_synthetic('{data_root}'{', counts=kd_seg.QUICK_COUNTS' if args.quick else ''})\"")
+        for description, _, _ in pre_steps:
+            print(f"# {description}")
+        for job_name, script, argv, needs in jobs:
+            print(f"# {job_name}" + (f" (after: {', '.join(needs)})" if needs else ""))
+            print(command_line(script, argv))
+        print(f"# then: params, GMACs and FPS of the teacher and student (eval.py --fps), the table "
+              f"and {out / 'REPORT.md'}")
+        return None
+    if not demo and not Path(data_root).is_dir():
+        raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of DATASETS.md)")
     start = time.perf_counter()
     command = " ".join(["python", "kd_seg.py", *sys.argv[1:]])
-    data_root = Path(args.data_root or ("data/synthetic_quick" if quick else "data/synthetic"))
     # a rerun reuses finished trainings, so it must be the same schedule on the same data
-    evaluation.claim_output_dir(out, {"demo": str(out), "data_root": str(data_root), "iters": iters,
-                                      "teacher_iters": teacher_iters})
-    # no-op when already complete; --quick makes a small copy so that it fits its 60 seconds
-    datasets.make_synthetic(data_root, counts=QUICK_COUNTS if quick else None)
-    unlabeled = data_root / "images" / "unlabeled"
-    num_classes = datasets.build_dataset("synthetic", data_root, "val").num_classes
+    jobs, run_dirs, teachers, pre_steps = plan(setting, args, out, data_root)   # may fail: before any write
+    evaluation.claim_output_dir(out, {"setting": name, "dataset": dataset, "data_root": str(data_root),
+                                      "iters": setting["iters"], "teacher_iters": setting["teacher_iters"]})
+    if demo:   # no-op when already complete; --quick makes a small copy that fits its minute
+        datasets.make_synthetic(data_root, counts=QUICK_COUNTS if args.quick else None)
+    for _, function, function_args in pre_steps:
+        function(*function_args)
+    (out / "commands.sh").write_text("".join(command_line(script, argv) + "\n" for _, script, argv, _ in jobs))
+    for row, seed in run_dirs:
+        run_dirs[row, seed].parent.mkdir(parents=True, exist_ok=True)
+    results = run_all(jobs, jobs_at_once, threads, out)
 
-    teacher_ckpt, pseudo = out / "teacher" / "checkpoint.pt", out / "pseudo_labels"
-    fill = {"{unlabeled}": str(unlabeled), "{pseudo}": str(pseudo),
-            "{wide}": str(out / "wide_teacher" / "checkpoint.pt"),
-            "{warmup}": str(iters // 10)}  # FGFI: 400 of ~40k official iterations -> the first 10%
+    # the table: evaluation split mIoU of every run, costs of the teacher and student as deployed
+    def miou(json_path):
+        return 100 * json.loads(Path(json_path).read_text())["metrics"]["miou"]
 
-    # 1. the jobs: teachers (trained once, seed 0; MGD's wide teacher only when its row is asked
-    #    for), Zhu's offline pseudo labels, every row x seed; each starts once what it needs is done
-    teacher_jobs = [("teacher", run_training, (train_argv(out / "teacher", TEACHER, teacher_iters, 0, data_root),
-                                               out / "teacher.log"), [])]
-    if any("{wide}" in ROWS[row][2] for row in rows):
-        teacher_jobs.append(("wide teacher", run_training, (train_argv(
-            out / "wide_teacher", WIDE_TEACHER, teacher_iters, 0, data_root), out / "wide_teacher.log"), []))
-    if any("{pseudo}" in ROWS[row][2] for row in rows):
-        teacher_jobs.append(("pseudo labels", pseudo_label_job, (teacher_ckpt, unlabeled, pseudo, data_root),
-                             ["teacher"]))
-    needs_of = {"--teacher-checkpoint": "teacher", "{wide}": "wide teacher", "{pseudo}": "pseudo labels"}
-    jobs, run_dirs = [], {}
-    for row in rows:
-        paper, adds, flags = ROWS[row]
-        if "--kd" in flags:  # online distillation; Zhu's rows use the offline pseudo labels
-            flags = flags + ["--teacher-checkpoint", str(teacher_ckpt)]
-        needs = [job for flag, job in needs_of.items() if flag in flags]
-        flags = [fill.get(f, f) for f in flags]
-        same = next((r for r in rows[:rows.index(row)] if ROWS[r][2] == ROWS[row][2]), None)
-        for seed in seeds:
-            if same is not None:  # the identical run already exists under the earlier row
-                run_dirs[row, seed] = run_dirs[same, seed]
-                continue
-            run = out / row / f"seed{seed}"
-            run_dirs[row, seed] = run
-            jobs.append((f"{row} seed {seed}", run_training, (
-                train_argv(run, STUDENT, iters, seed, data_root, flags), out / row / f"seed{seed}.log"), needs))
-            (out / row).mkdir(parents=True, exist_ok=True)
-    # the slowest rows first (by their measured train times), so that no core idles at the end
-    # waiting for one of them; the baselines, which need no teacher, fill the gaps
-    slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]
-    jobs.sort(key=lambda job: (job[0].startswith("baseline "),
-                               slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
-    results = run_all(teacher_jobs + jobs, args.jobs)
-    diagnostics = results.get("pseudo labels")
-    if diagnostics:
-        evaluation.plot_diagnostics(diagnostics, out / "pseudo_label_diagnostics.png")
-
-    # 2. test-split evaluation, costs, table
-    teacher_miou = 100 * test_metrics(out / "teacher", data_root)["miou"]
-    scores = {key: 100 * test_metrics(d, data_root)["miou"] for key, d in run_dirs.items()}
-    fps_size = (128, 128) if quick else (512, 512)
-    costs = {m: cost_of(m, num_classes, fps_size, quick) for m in (TEACHER, STUDENT)}
-    results = [{"name": "teacher", "paper": "-", "adds": TEACHER, "model": TEACHER,
-                "mean": teacher_miou, "std": 0.0, "n": 1, "gain": None, "verdict": "",
-                "train_s": train_seconds([out / "teacher"])}]
-    base = [scores["baseline", s] for s in seeds]
-    for row in rows:
-        values = [scores[row, s] for s in seeds]
-        gains = [v - b for v, b in zip(values, base)]
-        results.append({
-            "name": row, "paper": ROWS[row][0], "adds": ROWS[row][1], "model": STUDENT,
+    seeds = setting["seeds"]
+    fps_size = setting.get("fps_size") or FPS_SIZE.get(dataset, (512, 512))
+    cost_threads = os.cpu_count() if cpu_scale else None
+    quick = args.quick or args.smoke
+    teacher_cost = cost_of(teachers["teacher"], fps_size, quick, cost_threads, out / "teacher_cost.json")
+    student_cost = cost_of(run_dirs["baseline", seeds[0]] / "checkpoint.pt", fps_size, quick, cost_threads,
+                           out / "student_cost.json")
+    reported = setting["reported"]
+    table_rows = [{"name": "teacher", "paper": "-", "adds": setting["teacher"], "mean": miou(teachers["eval"]),
+                   "std": 0.0, "n": 1, "gain": None, "ci": None, "verdict": "", **teacher_cost,
+                   "train_s": train_seconds([teachers["teacher"].parent]), "reported": reported.get("teacher", "")}]
+    base = [miou(run_dirs["baseline", s] / "eval.json") for s in seeds]
+    for row in setting["rows"]:
+        values = [miou(run_dirs[row, s] / "eval.json") for s in seeds]
+        gain, ci = gain_interval([v - b for v, b in zip(values, base)])
+        table_rows.append({
+            "name": row, "paper": ROWS[row][0], "adds": ROWS[row][1], "values": values,
             "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "gain": None if row == "baseline" else statistics.mean(gains),
-            "verdict": "" if row == "baseline" else verdict(gains), "values": values,
-            "train_s": train_seconds([run_dirs[row, s] for s in seeds])})
-    table = format_results(results, costs, fps_size)
+            "n": len(values), "gain": None if row == "baseline" else gain, "ci": None if row == "baseline" else ci,
+            "verdict": "" if row == "baseline" else verdict([v - b for v, b in zip(values, base)]),
+            **student_cost, "train_s": train_seconds([run_dirs[row, s] for s in seeds]),
+            "reported": reported.get(row, "")})
+    table = format_results(table_rows, bool(reported))
     print(table)
 
-    # 3. REPORT.md
-    shown = [("teacher", out / "teacher"), ("baseline", run_dirs["baseline", seeds[0]])] + \
-            [(r, run_dirs[r, seeds[0]]) for r in rows if r != "baseline"][:4]
-    columns = picture_grid(shown, data_root, out / "predictions.png")
+    split = flag_values(setting["eval"], "--split")[0]
+    eval_set = datasets.build_dataset(dataset, str(data_root), split)
+    shown = [("teacher", teachers["teacher"]), ("baseline", run_dirs["baseline", seeds[0]] / "checkpoint.pt")] + \
+            [(r, run_dirs[r, seeds[0]] / "checkpoint.pt") for r in setting["rows"] if r != "baseline"][:4]
+    columns = picture_grid(shown, eval_set, out / "predictions.png", count=2 if args.smoke else 6)
     elapsed = time.perf_counter() - start
-    machine = f"{machine_line()}, {args.jobs} parallel jobs x 1 thread"
-    report = ["# kd-seg demo report", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
+    machine = f"{machine_line()}, {jobs_at_once} parallel job(s)" + (" x 1 thread" if threads == 1 else "")
+    report = [f"# kd-seg {name} report", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
               f"Date: {time.strftime('%Y-%m-%d %H:%M')}; wall time {evaluation.format_eta(elapsed)}  ",
-              f"Schedule: teacher {TEACHER} {teacher_iters} iterations; student {STUDENT} "
-              f"{iters} iterations; seeds {seeds}; test split, last checkpoint.", "", table, "",
-              "Gain: mean paired difference to the baseline (same seeds); verdict 'better' or "
-              "'worse' when it exceeds two standard errors of the paired differences.", "",
+              f"Setting: {setting['paper']}; dataset {dataset}; teacher {setting['teacher']} "
+              f"{setting['teacher_iters']} iterations; student {setting['student']} {setting['iters']} "
+              f"iterations; seeds {seeds}; {split} split, last checkpoint.", "", table, "",
+              "Gain: mean paired difference to the baseline over the same seeds, with its 95% "
+              "confidence interval (paired t test); 'better' or 'worse' when the interval excludes 0, "
+              f"'inconclusive' otherwise. Params, GMACs and FPS at {fps_size[0]}x{fps_size[1]}: the "
+              "models as deployed (no auxiliary head), batch 1.", "",
               "![predictions](predictions.png)  ", f"Columns: {', '.join(columns)}.", ""]
-    if diagnostics:
+    diagnostics = None
+    if demo and "pseudo labels" in results:   # the unlabeled split's labels are held back on disk
+        diagnostics = evaluation.pseudo_label_diagnostics(
+            out / "pseudo_labels", datasets.build_dataset("synthetic", data_root, "unlabeled"))
+        evaluation.plot_diagnostics(diagnostics, out / "pseudo_label_diagnostics.png")
         report += ["## Pseudo labels (teacher, unlabeled split, held-back labels)", "",
                    "| threshold | mIoU | precision | coverage |", "|---:|---:|---:|---:|"]
         report += [f"| {d['threshold']:.2f} | {100 * d['miou']:.1f} | {100 * d['precision']:.1f} | "
                    f"{100 * d['coverage']:.1f} |" for d in diagnostics]
         report += ["", "![pseudo-label diagnostics](pseudo_label_diagnostics.png)", ""]
+    report += ["## Commands", "", "```", *[command_line(s, a) for _, s, a, _ in jobs], "```", ""]
     tmp = out / "REPORT.tmp"
     tmp.write_text("\n".join(report))
     os.replace(tmp, out / "REPORT.md")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps({"rows": table_rows, "diagnostics": diagnostics}, indent=1))
     print(f"wrote {out / 'REPORT.md'} | total {evaluation.format_eta(elapsed)}")
-    return results
+    return table_rows
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -422,9 +738,10 @@ def benchmark(args):
 
     torch.manual_seed(0)
     num_classes = 8
+    output_stride = int(flag_values(DEMO_FLAGS, "--output-stride")[0])
     # as the demo trains: channels_last models and images, batch 8
-    teacher = models.build_model(TEACHER, num_classes, DEMO_OUTPUT_STRIDE).eval()
-    student = models.build_model(STUDENT, num_classes, DEMO_OUTPUT_STRIDE).train()
+    teacher = models.build_model(TEACHER, num_classes, output_stride).eval()
+    student = models.build_model(STUDENT, num_classes, output_stride).train()
     teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
     data_root = Path(args.data_root or "data/synthetic")
     datasets.make_synthetic(data_root)  # real label maps: FGFI's boxes come from their objects
@@ -473,29 +790,23 @@ def benchmark(args):
           f"term (its discriminator step): {without_holistic / (plain + teacher_forward):.2f}")
 
 
-def print_recipe(args):
-    teacher, student, crop, batch, iters, lr, flags = RECIPES[args.recipe]
-    root = args.data_root or f"data/{args.dataset}"
-    common = ["--dataset", args.dataset, "--data-root", root, "--crop-size", str(crop), str(crop),
-              "--batch-size", str(batch), "--iters", str(iters), "--lr", str(lr)]
-    print(" ".join(["python train.py --model", teacher, *common, "--out runs/" + args.recipe + "_teacher"]))
-    print(" ".join(["python train.py --model", student, *common, *flags,
-                    "--teacher-checkpoint", f"runs/{args.recipe}_teacher/checkpoint.pt",
-                    "--out", f"runs/{args.recipe}_student"]))
+def print_list():
+    for name, (paper, adds, flags) in ROWS.items():
+        print(f"{name:<15} {paper:<16} {adds:<46} {' '.join(flags)}")
+    print()
+    for name, recipe in sorted(RECIPES.items()):
+        print(f"recipe {name:<9} {recipe['paper']}: {recipe['dataset']}, {recipe['teacher']}"
+              + (f" + {recipe['wide_teacher']}" if "wide_teacher" in recipe else "")
+              + f" -> {recipe['student']}; rows {', '.join(recipe['rows'])}")
 
 
 def main():
     args = get_args_parser().parse_args()
     if args.list:
-        for name, (paper, adds, flags) in ROWS.items():
-            print(f"{name:<15} {paper:<16} {adds:<36} {' '.join(flags)}")
-        print("\nrecipes:", ", ".join(sorted(RECIPES)))
-        return
-    if args.recipe:
-        return print_recipe(args)
+        return print_list()
     if args.benchmark:
         return benchmark(args)
-    demo(args)
+    return run(args)
 
 
 if __name__ == "__main__":

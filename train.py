@@ -47,6 +47,9 @@ def get_args_parser():
     g.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
     g.add_argument("--data-root", default="data/synthetic", help="dataset root folder")
     g.add_argument("--train-split", default="train")
+    g.add_argument("--train-subset", metavar="FILE",
+                   help="train on the listed images of the split only: a label partition (MGD's "
+                        "1/16; CPS's train_aug_labeled_1-16.txt or the one kd_seg.py writes)")
     g.add_argument("--val-split", default="val", help="split for periodic validation")
     g.add_argument("--crop-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
                    help="training crop (the synthetic images are 64x64)")
@@ -99,6 +102,8 @@ def get_args_parser():
     g.add_argument("--lambda-gp", type=float, default=10.0, help="WGAN-GP penalty weight (official)")
     g = p.add_argument_group("unlabeled data")
     g.add_argument("--unlabeled-root", help="folder of unlabeled images")
+    g.add_argument("--unlabeled-subset", metavar="FILE",
+                   help="use only the listed images of --unlabeled-root (the partition's rest)")
     g.add_argument("--unlabeled-batch-size", type=int, help="default: --batch-size")
     g.add_argument("--pseudo-labels", help="folder of offline pseudo labels for --unlabeled-root "
                                            "(eval.py --save-pred); trained on together with the labels")
@@ -206,11 +211,17 @@ def build_train_set(args, crop_size):
     """The labeled set, plus pseudo-labelled images (Zhu et al.) when given."""
     common = dict(train=True, crop_size=tuple(crop_size), scale_range=tuple(args.scale_range))
     train_set = datasets.build_dataset(args.dataset, args.data_root, args.train_split, **common)
+    if args.train_subset:
+        train_set = datasets.keep_listed(train_set, args.train_subset)
     if args.pseudo_labels:
         pseudo = datasets.build_dataset("folder", args.unlabeled_root, None, label_root=args.pseudo_labels,
                                         classes_from=args.dataset, **common)
-        train_set = datasets.ConcatSegmentation([train_set, pseudo])
+        train_set = datasets.ConcatSegmentation([train_set, unlabeled_subset(pseudo, args)])
     return train_set
+
+
+def unlabeled_subset(dataset, args):
+    return datasets.keep_listed(dataset, args.unlabeled_subset) if args.unlabeled_subset else dataset
 
 
 def make_batches(args, dataset, batch_size, start_step, rank, world, seed_offset=0):
@@ -423,6 +434,7 @@ def run(args, weights, rank, world, resume_from):
         unlabeled_set = datasets.build_dataset("folder", args.unlabeled_root, None, train=True,
                                                crop_size=tuple(args.crop_size),
                                                scale_range=tuple(args.scale_range))
+        unlabeled_set = unlabeled_subset(unlabeled_set, args)
         u_batch = (args.unlabeled_batch_size or args.batch_size) * (2 if distiller.mixes_unlabeled else 1)
         unlabeled_batches = make_batches(args, unlabeled_set, u_batch, start_step, rank, world,
                                          seed_offset=1)

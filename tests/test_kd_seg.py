@@ -28,3 +28,203 @@ def test_unknown_row_is_one_line_error(tmp_path):
     assert r.returncode == 2 and "telepathy" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper recipes: every step of each, with its real models, on a tiny tree in its dataset's layout
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kd_seg
+import models
+
+CITYSCAPES_IDS = [7, 8, 11, 21, 23, 24, 26, 0]   # road, sidewalk, building, vegetation, sky, person, car, unlabeled
+
+
+def _write_image(path, size, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def _write_blocks(path, size, ids, seed):
+    """A label of 8x8 blocks of the given ids (objects large enough for FGFI's boxes)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    blocks = np.asarray(ids, np.uint8)[rng.integers(0, len(ids), (size[0] // 8, size[1] // 8))]
+    Image.fromarray(np.kron(blocks, np.ones((8, 8), np.uint8))).save(path)
+
+
+def make_cityscapes(root, size=(64, 128)):
+    for split, city, count in (("train", "aachen", 6), ("val", "lindau", 2)):
+        for i in range(count):
+            stem = f"{city}_{i:06d}_000019"
+            _write_image(f"{root}/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png", size, i)
+            _write_blocks(f"{root}/gtFine/{split}/{city}/{stem}_gtFine_labelIds.png", size, CITYSCAPES_IDS, i)
+    for i in range(4):   # Zhu's unlabeled images, where Cityscapes keeps them
+        _write_image(f"{root}/leftImg8bit/train_extra/bonn/bonn_{i:06d}_000019_leftImg8bit.png", size, 100 + i)
+
+
+def make_pascal_context(root, size=(64, 64)):
+    voc = f"{root}/VOCdevkit/VOC2010"
+    for split, names in (("train", [f"2008_{i:06d}" for i in range(4)]), ("val", ["2009_000001", "2009_000002"])):
+        for i, name in enumerate(names):
+            _write_image(f"{voc}/JPEGImages/{name}.jpg", size, i)
+            _write_blocks(f"{voc}/SegmentationClassContext/{name}.png", size, [0, 1, 15, 59], i)
+        os.makedirs(f"{voc}/ImageSets/SegmentationContext", exist_ok=True)
+        with open(f"{voc}/ImageSets/SegmentationContext/{split}.txt", "w") as f:
+            f.write("".join(n + "\n" for n in names))
+    for i in range(4):
+        _write_image(f"{root}/unlabeled/{i:04d}.jpg", size, 200 + i)
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir(tmp_path_factory):
+    """torchvision-format ImageNet files (random weights, torchvision's key names incl. the
+    classifier, which loading drops) under torchvision's own file names."""
+    folder = tmp_path_factory.mktemp("imagenet")
+    backbones = {models_name.partition("_")[2] for recipe in kd_seg.RECIPES.values()
+                 for models_name in (recipe["teacher"], recipe["student"], recipe.get("wide_teacher", "x_resnet18"))}
+    for backbone in sorted(backbones):
+        net = models.build_backbone(backbone, 32)
+        state = net.state_dict()
+        if backbone == "mobilenetv2":
+            state["classifier.1.weight"], state["classifier.1.bias"] = torch.zeros(1000, 1280), torch.zeros(1000)
+        else:
+            state["fc.weight"], state["fc.bias"] = torch.zeros(1000, net.out_channels), torch.zeros(1000)
+        torch.save(state, folder / kd_seg.IMAGENET_URLS[backbone].rsplit("/", 1)[1])
+    return folder
+
+
+@pytest.mark.parametrize("recipe", sorted(kd_seg.RECIPES))
+def test_every_recipe_runs_end_to_end_at_smoke_scale(recipe, tmp_path, imagenet_dir):
+    dataset = kd_seg.RECIPES[recipe]["dataset"]
+    data, out = tmp_path / dataset, tmp_path / "out"
+    extra = []
+    if dataset == "cityscapes":
+        make_cityscapes(data)
+    else:
+        make_pascal_context(data)
+        extra = ["--unlabeled-root", data / "unlabeled"]
+    r = run_cli("kd_seg.py", "--recipe", recipe, "--smoke", "--data-root", data, "--weights-dir", imagenet_dir,
+                "--out", out, *extra, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["teacher"] + kd_seg.RECIPES[recipe]["rows"]
+    assert all(0 <= row["mean"] <= 100 and row["gmacs"] > 0 and row["fps"] > 0 for row in rows)
+    report = (out / "REPORT.md").read_text()
+    for row in kd_seg.RECIPES[recipe]["rows"]:
+        assert f"| {row} |" in report and f"| {row} |" in r.stdout
+    # every training started from the ImageNet files, and the report lists each command it ran
+    commands = (out / "commands.sh").read_text().splitlines()
+    trainings = [c for c in commands if c.startswith("python train.py")]
+    assert trainings and all(str(imagenet_dir) in c for c in trainings)
+    assert all(c in report for c in commands)
+    if recipe == "mgd2022":   # a 1/16 partition of the 6 train images: 1 labeled, 5 unlabeled
+        labeled = (out / "partition" / "labeled_1-16.txt").read_text().split()
+        unlabeled = (out / "partition" / "unlabeled_1-16.txt").read_text().split()
+        assert len(labeled) == 1 and len(unlabeled) == 5 and not set(labeled) & set(unlabeled)
+    if recipe == "zhu2020":   # the teacher labelled Cityscapes' train_extra offline
+        assert len(list((out / "pseudo_labels").rglob("*_leftImg8bit.png"))) >= 4
+
+
+def test_dry_run_prints_every_command_and_touches_nothing(tmp_path):
+    out = tmp_path / "never"
+    r = run_cli("kd_seg.py", "--recipe", "mgd2022", "--dry-run", "--data-root", tmp_path / "cs", "--out", out)
+    assert r.returncode == 0, r.stderr
+    commands = [line for line in r.stdout.splitlines() if line.startswith("python ")]
+    # teacher, wide teacher, 2 rows x 1 seed, and an evaluation of each but the wide teacher
+    assert sum(c.startswith("python train.py") for c in commands) == 4
+    assert sum(c.startswith("python eval.py") for c in commands) == 3
+    assert all("--pretrained https://download.pytorch.org/models/" in c for c in commands if "train.py" in c)
+    assert "labeled_1-16.txt" in r.stdout and not out.exists()
+    demo = run_cli("kd_seg.py", "--dry-run", "--out", out, "--data-root", tmp_path / "syn")
+    assert demo.returncode == 0 and "python train.py" in demo.stdout and not out.exists()
+    assert not (tmp_path / "syn").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0", "0"], "--seeds"), (["--iters", "0"], "--iters"), (["--teacher-iters", "0"], "--teacher-iters"),
+    (["--jobs", "0"], "--jobs"), (["--recipe", "skd2019", "--weights-dir", "MISSING"], "resnet101-63fe2227.pth"),
+    (["--recipe", "xie2018"], "--unlabeled-root"), (["--smoke"], "--recipe"),
+])
+def test_bad_options_are_one_line_errors_that_write_nothing(argv, message, tmp_path):
+    r = run_cli("kd_seg.py", *argv, "--out", tmp_path / "out", "--data-root", tmp_path)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _t_quantile(df, p=0.975):
+    """Student's t quantile from its density (Simpson's rule and bisection): an independent check."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x, steps=2000):
+        h = x / steps
+        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    low, high = 0.0, 20.0
+    for _ in range(60):
+        low, high = ((low + high) / 2, high) if cdf((low + high) / 2) < p else (low, (low + high) / 2)
+    return low
+
+
+def test_verdicts_are_paired_t_tests_at_95_percent():
+    for df, t in enumerate(kd_seg.T_975, start=1):
+        assert t == pytest.approx(_t_quantile(df), abs=2e-3), df
+    mean, half = kd_seg.gain_interval([1.0, 2.0, 3.0])   # sd 1: 4.303 / sqrt(3)
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
+    assert kd_seg.verdict([1.0, 2.0, 3.0]) == "inconclusive"   # 2 +- 2.48 includes 0
+    assert kd_seg.verdict([5.0, 6.0, 7.0]) == "better" and kd_seg.verdict([-5.0, -6.0, -7.0]) == "worse"
+    assert kd_seg.verdict([3.0]) == "n/a (1 seed)"
+
+
+def test_pool_workers_end_with_kd_seg_after_kill_9(tmp_path):
+    """kill -9 of kd_seg.py leaves no worker behind (Linux: parents from /proc)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc")
+
+    def children(pid):
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = open(f"/proc/{entry}/stat").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        return found
+
+    process = subprocess.Popen([sys.executable, "kd_seg.py", "--quick", "--out", str(tmp_path / "q"),
+                                "--data-root", str(tmp_path / "data"), "--jobs", "2"],
+                               cwd=kd_seg.__file__.rsplit("/", 1)[0], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and len(workers) < 2:   # the pool's workers (plus its resource tracker)
+        time.sleep(0.5)
+        workers = [c for c in children(process.pid)
+                   if "multiprocessing" in open(f"/proc/{c}/cmdline").read().replace("\0", " ")]
+    assert workers, "kd_seg.py started no worker"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.5)
+        for w in workers:   # reap nothing: they are not our children; zombies count as ended
+            pass
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+             and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} outlived kd_seg.py"
