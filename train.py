@@ -50,7 +50,9 @@ def get_args_parser():
     g.add_argument("--train-subset", metavar="FILE",
                    help="train on the listed images of the split only: a label partition (MGD's "
                         "1/16; CPS's train_aug_labeled_1-16.txt or the one kd_seg.py writes)")
-    g.add_argument("--val-split", default="val", help="split for periodic validation")
+    g.add_argument("--val-split", default="val",
+                   help="split for periodic validation ('': none, e.g. when the test split is "
+                        "evaluated afterwards by eval.py, as kd_seg.py does)")
     g.add_argument("--crop-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
                    help="training crop (the synthetic images are 64x64)")
     g.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
@@ -356,9 +358,9 @@ def run(args, weights, rank, world, resume_from):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    val_set = datasets.build_dataset(args.dataset, args.data_root, args.val_split)
-    args.num_classes = val_set.num_classes
+    val_set = datasets.build_dataset(args.dataset, args.data_root, args.val_split) if args.val_split else None
     train_set = build_train_set(args, args.crop_size)
+    args.num_classes = (train_set if val_set is None else val_set).num_classes
 
     student = models.build_model(args.model, args.num_classes, args.output_stride,
                                  args.pretrained, aux=args.aux_weight > 0).to(device)
@@ -450,7 +452,8 @@ def run(args, weights, rank, world, resume_from):
             "d_scheduler": d_scheduler.state_dict() if d_scheduler else None,
             "rng": rng_state(), "step": step, "args": vars(args)})
 
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=8, num_workers=args.workers)
+    val_loader = None if val_set is None else torch.utils.data.DataLoader(val_set, batch_size=8,
+                                                                        num_workers=args.workers)
     if world > 1:  # decorrelate dropout across ranks (augmentation has per-sample seeds)
         torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
     metrics, sums, logged, skipped = {}, {}, 0, 0
@@ -517,7 +520,7 @@ def run(args, weights, rank, world, resume_from):
                   f"eta {evaluation.format_eta(per_it * (args.iters - done))}", flush=True)
             sums, logged, step_time = {}, 0, time.perf_counter()
         last = done == args.iters
-        if (args.eval_every and done % args.eval_every == 0) or last:
+        if val_loader is not None and ((args.eval_every and done % args.eval_every == 0) or last):
             metrics = evaluation.evaluate(student, val_loader, device, args.num_classes, args.amp)
             model.train()
             if rank == 0:
