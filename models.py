@@ -312,7 +312,8 @@ class DeepLabV3PlusHead(nn.Module):
 class PSPHead(nn.Module):
     """PSPNet (Zhao et al., CVPR 2017): average-pool to 1x1, 2x2, 3x3, 6x6 bins, 1x1 conv each to
     in_channels / 4, upsample, concatenate with the input, 3x3 conv to 2 * channels (512 at full
-    width: feat, taken before the dropout), dropout 0.1, 1x1 classifier."""
+    width), dropout 0.1 (feat: its output, the classifier's input, as SKD's official
+    x_feat_after_psp, which in train mode has been through the dropout), 1x1 classifier."""
 
     def __init__(self, in_channels, num_classes, channels, bins=(1, 2, 3, 6)):
         super().__init__()
@@ -328,8 +329,8 @@ class PSPHead(nn.Module):
         x = features["out"]
         pyramid = [F.interpolate(stage(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
                    for stage in self.stages]
-        feat = self.bottleneck(torch.cat([x] + pyramid, dim=1))
-        return self.classifier(self.dropout(feat)), feat
+        feat = self.dropout(self.bottleneck(torch.cat([x] + pyramid, dim=1)))
+        return self.classifier(feat), feat
 
 
 def fcn_aux_head(in_channels, num_classes):
