@@ -1,4 +1,4 @@
-"""Evaluation: mIoU, FPS, GFLOPs, prediction PNGs and teacher pseudo labels.
+"""Evaluation: mIoU, FPS, GMACs, prediction PNGs and teacher pseudo labels.
 
     # mIoU + per-class IoU table of a checkpoint on a split
     python eval.py --checkpoint runs/teacher/checkpoint.pt --data-root data/synthetic --split test
@@ -215,19 +215,25 @@ def measure_fps(model, size, device, amp="off", warmup=10, iters=200, min_second
     }
 
 
-def count_gflops(model, size):
-    """Forward GFLOPs of one image at `size` (torch.utils.flop_counter; 1 multiply-add = 2 FLOPs)."""
+def count_gmacs(model, size):
+    """Forward GMACs (10^9 multiply-adds) of one image at `size`, as deployed (eval mode: no
+    auxiliary head). Multiply-adds are what torchvision's model table ("GFLOPS") and most
+    segmentation papers report; torch.utils.flop_counter counts 2 FLOPs per multiply-add of the
+    convolutions and matmuls (bias, BatchNorm, activations and resizing are not counted), so
+    GMACs = its FLOPs / 2. On the meta device it counts shapes only, with no arithmetic."""
     from torch.utils.flop_counter import FlopCounterMode
     model.eval()
     param = next(model.parameters())
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype))
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 2e9
 
 
 def count_params(model):
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the network as deployed: the auxiliary head (trained with, never run at
+    test time) is left out."""
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("aux_head."))
 
 
 # ----------------------------------------------------------------------------- PNG outputs
@@ -423,12 +429,14 @@ def main(args):
         results["metrics"] = metrics
     if args.fps:
         size = tuple(args.fps_size)
+        # costs of the network as deployed: no auxiliary head (models.py: it runs in training only)
         results["params_m"] = count_params(model) / 1e6
-        results["gflops"] = count_gflops(model, size)
+        results["gmacs"] = count_gmacs(model, size)
         results["fps"] = measure_fps(model, size, args.device, args.amp if args.device != "cpu"
                                      else "off", iters=args.fps_iters, min_seconds=args.fps_seconds)
         f = results["fps"]
-        print(f"params {results['params_m']:.2f} M | {results['gflops']:.2f} GFLOPs at "
+        print(f"params {results['params_m']:.2f} M | {results['gmacs']:.2f} GMACs "
+              f"({2 * results['gmacs']:.2f} GFLOPs) at "
               f"{size[0]}x{size[1]} | {f['fps']:.1f} FPS ({f['latency_ms']:.2f} ms, {f['iters']} "
               f"iters) | {f['device']} | {f['dtype']} | torch {f['torch']} | upsample+argmax "
               f"included")

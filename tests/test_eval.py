@@ -1,4 +1,4 @@
-"""eval.py: the confusion-matrix mIoU, the CLI, prediction PNGs, FPS and bad input."""
+"""eval.py: the confusion-matrix mIoU, the CLI, prediction PNGs, FPS, GMACs and bad input."""
 import json
 
 import numpy as np
@@ -51,8 +51,9 @@ def test_eval_cli_metrics_pngs_and_fps(data_root, teacher_checkpoint, tmp_path):
                 "--fps-iters", "3", "--fps-seconds", "1", "--device", "cpu", "--json", result)
     assert r.returncode == 0, r.stderr
     assert "mIoU" in r.stdout and "FPS" in r.stdout and "disk" in r.stdout  # class-name table
+    assert "GMACs" in r.stdout
     out = json.loads(result.read_text())
-    assert 0 <= out["metrics"]["miou"] <= 1 and out["fps"]["fps"] > 0 and out["gflops"] > 0
+    assert 0 <= out["metrics"]["miou"] <= 1 and out["fps"]["fps"] > 0 and out["gmacs"] > 0
     label = Image.open(pred_dir / "val_00000.png")
     assert label.mode == "P"
     assert Image.open(pred_dir / "confidence" / "val_00000.png").mode == "L"
@@ -150,3 +151,37 @@ class PointwiseModel(torch.nn.Module):
 
     def forward(self, x):
         return {"out": self.conv(x)}
+
+
+# ----------------------------------------------------------------------------- costs as deployed
+def test_costs_leave_out_the_auxiliary_head():
+    # The aux head only trains: params, MACs and FPS of aux=True must be those of aux=False.
+    torch.manual_seed(0)
+    with_aux = models.build_model("pspnet_resnet18_micro", 19, output_stride=8, aux=True)
+    without = models.build_model("pspnet_resnet18_micro", 19, output_stride=8)
+    aux_params = sum(p.numel() for p in with_aux.aux_head.parameters())
+    assert aux_params > 0
+    assert sum(p.numel() for p in with_aux.parameters()) == evaluation.count_params(without) + aux_params
+    assert evaluation.count_params(with_aux) == evaluation.count_params(without)
+    assert evaluation.count_gmacs(with_aux, (64, 64)) == evaluation.count_gmacs(without, (64, 64))
+    assert with_aux.train()(torch.randn(2, 3, 64, 64)).keys() == {"out", "feat", "aux"}
+    assert "aux" not in with_aux.eval()(torch.randn(1, 3, 64, 64))  # what FPS times
+
+
+def test_gmacs_match_torchvisions_published_deeplabv3_resnet101():
+    # torchvision's model table: deeplabv3_resnet101 (21 classes, output stride 8, with its aux
+    # FCNHead) has 60,996,202 parameters and 258.743 "GFLOPS" at 520x520, which are multiply-adds.
+    # kd-seg's same configuration gives exactly that: the deployed network (count_gmacs) plus the
+    # aux head run on layer3's feature. On the meta device nothing is computed: about 2 s.
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = models.build_model("deeplabv3_resnet101", 21, output_stride=8, aux=True).eval()
+        layer3 = torch.zeros(1, model.backbone.middle_channels, 65, 65)  # 520 / 8
+    aux_counter = FlopCounterMode(display=False)
+    with aux_counter, torch.no_grad():
+        model.aux_head(layer3)
+    deployed = evaluation.count_gmacs(model, (520, 520))
+    assert round(deployed + aux_counter.get_total_flops() / 2e9, 3) == 258.743
+    assert sum(p.numel() for p in model.parameters()) == 60_996_202
+    assert round(deployed, 3) == 248.752  # what kd-seg reports: the aux head never runs at test time
+    assert evaluation.count_params(model) == 60_996_202 - sum(p.numel() for p in model.aux_head.parameters())
