@@ -190,6 +190,14 @@ THING_CLASSES = {
     "ade20k": list(range(150)),
 }
 
+# Class index -> the id that the dataset's official evaluation and test server read (eval.py
+# --submission): Cityscapes labelIds (evalPixelLevelSemanticLabeling, not trainIds), ADE20K
+# 1..150 (0, "other", is never predicted), VOC its own ids 0..20.
+SUBMISSION_IDS = {
+    "cityscapes": sorted(CITYSCAPES_LABEL_TO_TRAIN, key=CITYSCAPES_LABEL_TO_TRAIN.get),
+    "ade20k": list(range(1, 151)),
+    "voc": list(range(21)),
+}
 
 
 # ----------------------------------------------------------------------------------------------
