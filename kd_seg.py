@@ -237,16 +237,17 @@ def verdict(gains):
 
 
 def cost_of(model_name, num_classes, size, quick=False):
-    """Params, GFLOPs and CPU FPS (DATASETS.md protocol; quick: a rough 10-iteration figure)."""
+    """Params, GMACs and CPU FPS of the network as deployed (no auxiliary head; DATASETS.md FPS
+    protocol; quick: a rough 10-iteration figure)."""
     model = models.build_model(model_name, num_classes, output_stride=DEMO_OUTPUT_STRIDE)
     fps = evaluation.measure_fps(model, size, "cpu", iters=10 if quick else 200,
                                  min_seconds=1.0 if quick else 3.0)
     return {"params_m": evaluation.count_params(model) / 1e6,
-            "gflops": evaluation.count_gflops(model, size), "fps": fps["fps"]}
+            "gmacs": evaluation.count_gmacs(model, size), "fps": fps["fps"]}
 
 
 def format_results(rows, costs, fps_size):
-    head = (f"| row | paper | adds | params (M) | GFLOPs | test mIoU | gain | verdict | "
+    head = (f"| row | paper | adds | params (M) | GMACs | test mIoU | gain | verdict | "
             f"FPS @{fps_size[0]}x{fps_size[1]} | train (s) |")
     lines = [head, "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
@@ -254,7 +255,7 @@ def format_results(rows, costs, fps_size):
         miou = f"{r['mean']:.1f} ± {r['std']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
         gain = "" if r["gain"] is None else f"{r['gain']:+.1f}"
         lines.append(f"| {r['name']} | {r['paper']} | {r['adds']} | {c['params_m']:.2f} | "
-                     f"{c['gflops']:.3f} | {miou} | {gain} | {r['verdict']} | {c['fps']:.0f} | "
+                     f"{c['gmacs']:.3f} | {miou} | {gain} | {r['verdict']} | {c['fps']:.0f} | "
                      f"{r['train_s']} |")
     return "\n".join(lines)
 

@@ -371,7 +371,9 @@ class SegmentationModel(nn.Module):
         features = self.backbone(x)
         out, feat = self.head(features)
         outputs = {"out": out, "feat": feat}
-        if self.aux_head is not None:
+        # The auxiliary head is deep supervision: run in training only (as mmsegmentation), so an
+        # eval-mode forward (evaluation, a teacher, FPS and GMACs) is the network as deployed.
+        if self.aux_head is not None and self.training:
             outputs["aux"] = self.aux_head(features["middle"])
         return outputs
 
@@ -452,7 +454,8 @@ def build_model(name, num_classes, output_stride=8, pretrained=None, aux=False):
       "out":  logits (N, num_classes, H/os, W/os), H/4 x W/4 for deeplabv3plus; not upsampled.
       "feat": (N, model.feat_channels, same size as "out"), the head's feature right before the
               final classifier (for deeplabv2, the backbone's last feature).
-      "aux":  only when aux=True: logits (N, num_classes, H/min(os, 16), W/min(os, 16)).
+      "aux":  only when aux=True and in training mode: logits (N, num_classes, H/min(os, 16),
+              W/min(os, 16)). In eval mode the auxiliary head does not run (never at test time).
     The model has `.backbone` (torchvision parameter names), `.feat_channels`, `.num_classes`,
     `.output_stride`. Sizes above are for H, W divisible by os; others round up per stride.
     """
