@@ -191,6 +191,15 @@ THING_CLASSES = {
     "ade20k": list(range(150)),
 }
 
+# Class index -> the id that the dataset's official evaluation and test server read (eval.py
+# --submission): Cityscapes labelIds (evalPixelLevelSemanticLabeling, not trainIds), ADE20K
+# 1..150 (0, "other", is never predicted), VOC its own ids 0..20.
+SUBMISSION_IDS = {
+    "cityscapes": sorted(CITYSCAPES_LABEL_TO_TRAIN, key=CITYSCAPES_LABEL_TO_TRAIN.get),
+    "ade20k": list(range(1, 151)),
+    "voc": list(range(21)),
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # 2. Label files
@@ -525,15 +534,8 @@ def _list_files(folder, suffixes):
     return sorted(found, key=lambda path: os.path.relpath(path, folder))
 
 
-def _voc_files(root, split):
-    voc = _find_folder([os.path.join(root, "VOCdevkit", "VOC2012"), root], "Pascal VOC 2012 folder")
-    if not os.path.isdir(os.path.join(voc, "JPEGImages")):
-        raise FileNotFoundError(f"Pascal VOC images not found: expected {voc}/JPEGImages")
-    list_path = _find_file([os.path.join(voc, "ImageSets", "Segmentation", split + ".txt"),
-                            os.path.join(voc, "ImageSets", "SegmentationAug", split + ".txt"),
-                            os.path.join(voc, split + ".txt"), os.path.join(root, split + ".txt")],
-                           f"Pascal VOC split list '{split}'")
-    label_folder = "SegmentationClassAug" if "aug" in split else "SegmentationClass"
+def _voc_list(voc, list_path, label_folder):
+    """Image and label paths of one VOC list file (labels of one-id lines in label_folder)."""
     images, labels = [], []
     for line in _read_lines(list_path):
         fields = line.split()
@@ -543,6 +545,31 @@ def _voc_files(root, split):
         else:  # one id per line
             images.append(os.path.join(voc, "JPEGImages", fields[0] + ".jpg"))
             labels.append(os.path.join(voc, label_folder, fields[0] + ".png"))
+    return images, labels
+
+
+def _voc_files(root, split):
+    voc = _find_folder([os.path.join(root, "VOCdevkit", "VOC2012"), root], "Pascal VOC 2012 folder")
+    if not os.path.isdir(os.path.join(voc, "JPEGImages")):
+        raise FileNotFoundError(f"Pascal VOC images not found: expected {voc}/JPEGImages")
+    lists = [os.path.join(voc, "ImageSets", "Segmentation", split + ".txt"),
+             os.path.join(voc, "ImageSets", "SegmentationAug", split + ".txt"),
+             os.path.join(voc, split + ".txt"), os.path.join(root, split + ".txt")]
+    mmseg_aug = os.path.join(voc, "ImageSets", "Segmentation", "aug.txt")
+    if split == "train_aug" and not any(map(os.path.isfile, lists)) and os.path.isfile(mmseg_aug):
+        # mmsegmentation's converted layout (tools/dataset_converters/voc_aug.py, configs
+        # voc12aug): train_aug is train.txt with its VOC masks in SegmentationClass plus aug.txt,
+        # the SBD images outside VOC train and val, with masks in SegmentationClassAug
+        # (1,464 + 9,118 = 10,582). Its SegmentationClassAug holds SBD's masks only, so its
+        # trainaug.txt (the same 10,582 ids) does not read from that one folder: use train_aug.
+        train_list = _find_file([os.path.join(voc, "ImageSets", "Segmentation", "train.txt")],
+                                "Pascal VOC split list 'train' (beside aug.txt)")
+        images, labels = _voc_list(voc, train_list, "SegmentationClass")
+        aug_images, aug_labels = _voc_list(voc, mmseg_aug, "SegmentationClassAug")
+        return images + aug_images, labels + aug_labels, make_lut()
+    list_path = _find_file(lists, f"Pascal VOC split list '{split}'")
+    label_folder = "SegmentationClassAug" if "aug" in split else "SegmentationClass"
+    images, labels = _voc_list(voc, list_path, label_folder)
     return images, labels, make_lut()
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: mIoU, FPS, GFLOPs, prediction PNGs and teacher pseudo labels.
+"""Evaluation: mIoU, FPS, GMACs, prediction PNGs, submission files and teacher pseudo labels.
 
     # mIoU + per-class IoU table of a checkpoint on a split
     python eval.py --checkpoint runs/teacher/checkpoint.pt --data-root data/synthetic --split test
@@ -9,6 +9,9 @@
     python eval.py --checkpoint runs/teacher/checkpoint.pt --dataset folder \
         --data-root data/synthetic/images/unlabeled --save-pred runs/pseudo --threshold 0.5 \
         --flip --scales 0.75 1 1.25
+    # the files the official evaluation / test server reads (here Cityscapes val: labelIds)
+    python eval.py --checkpoint runs/city/checkpoint.pt --dataset cityscapes \
+        --data-root /data/cityscapes --split val --window 1024 1024 --submission runs/city/val_ids
     # FPS only, of an untrained architecture (no checkpoint, no data)
     python eval.py --model deeplabv2_mobilenetv2 --num-classes 19 --fps --fps-size 512 512
 
@@ -22,6 +25,14 @@ confidence is below `--threshold`), `DIR/confidence/<name>.png` (max softmax pro
 and `DIR/color/<name>.png` (a coloured picture). The same files are the pseudo labels that
 `train.py --pseudo-labels DIR` reads. Every file is written atomically and a rerun skips the
 images already done, so an interrupted labelling run resumes without redoing or corrupting.
+
+`--submission DIR` writes what the dataset's official evaluation reads as it is: one PNG per
+image, `DIR/<image name>.png`, in one flat folder (beside kd-seg's `kd_seg_run.json` marker,
+which the official scripts do not read; zip only the PNGs for a test server), holding the
+argmax with the same inference as the mIoU: Cityscapes labelIds (mode L,
+`<city>_<seq>_<frame>_leftImg8bit.png`, the names cityscapesscripts' evalPixelLevelSemanticLabeling
+matches with `<city>_<seq>_<frame>*.png`), ADE20K ids 1..150 (mode L), VOC ids 0..20 (palette
+PNGs, as the VOC devkit). Atomic and resumable as `--save-pred`.
 """
 import argparse
 import json
@@ -215,19 +226,26 @@ def measure_fps(model, size, device, amp="off", warmup=10, iters=200, min_second
     }
 
 
-def count_gflops(model, size):
-    """Forward GFLOPs of one image at `size` (torch.utils.flop_counter; 1 multiply-add = 2 FLOPs)."""
+def count_gmacs(model, size):
+    """Forward GMACs (10^9 multiply-adds) of one image at `size`, as deployed (eval mode: no
+    auxiliary head). Multiply-adds are what torchvision's model table ("GFLOPS") and most
+    segmentation papers report; torch.utils.flop_counter counts 2 FLOPs per multiply-add of the
+    convolutions and matmuls (bias, BatchNorm, activations and resizing are not counted), so
+    GMACs = its FLOPs / 2. On the meta device it counts shapes only, with no arithmetic."""
     from torch.utils.flop_counter import FlopCounterMode
     model.eval()
     param = next(model.parameters())
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype))
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 2e9
 
 
 def count_params(model):
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the network as deployed: the auxiliary head (trained with, never run at
+    test time) is left out."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not name.startswith("aux_head."))
 
 
 # ----------------------------------------------------------------------------- PNG outputs
@@ -281,6 +299,50 @@ def save_predictions(model, dataset, out_dir, device, amp="off", threshold=0.0, 
         if count % log_every == 0 or count == len(todo):
             elapsed = time.perf_counter() - start
             print(f"predict {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
+                  f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
+
+
+def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", scales=(1.0,),
+                    flip=False, window=None, owner=None, log_every=50):
+    """Write the files the dataset's official evaluation reads as they are (see module doc): one
+    PNG per image, named after the image, in one flat folder, holding the argmax in the dataset's
+    own ids (datasets.SUBMISSION_IDS). Same inference as `evaluate`; atomic and resumable like
+    save_predictions, and a folder holding any other file is refused."""
+    if dataset_name not in datasets.SUBMISSION_IDS:
+        raise ValueError(f"--submission: no official format for dataset {dataset_name!r}; "
+                         f"expected one of {sorted(datasets.SUBMISSION_IDS)}")
+    official_ids = np.array(datasets.SUBMISSION_IDS[dataset_name], dtype=np.uint8)
+    names = [Path(p).stem + ".png" for p in dataset.image_paths]
+    if len(set(names)) < len(names):  # a flat folder needs one name per image
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"--submission: two images would both be written as {duplicate}")
+    out_dir = Path(out_dir)
+    claim_output_dir(out_dir, owner or {})
+    allowed = {*names, "kd_seg_run.json"}
+    foreign = sorted(f.name for f in out_dir.iterdir() if f.name not in allowed
+                     and not (f.name.startswith(".") and f.name.endswith(".tmp")))
+    if foreign:  # the official scripts would read it too (cityscapesscripts: multiple predictions)
+        raise ValueError(f"{out_dir}: holds {foreign[0]}, which is no file of this submission; "
+                         "choose a new output folder")
+    todo = [i for i, name in enumerate(names) if not (out_dir / name).exists()]
+    print(f"submission: {len(names) - len(todo)} of {len(names)} already done, writing {len(todo)} "
+          f"to {out_dir}")
+    autocast, _ = autocast_context(device, amp)
+    model.eval()
+    start = time.perf_counter()
+    for count, i in enumerate(todo, 1):
+        image, _ = dataset[i]
+        with autocast:
+            probs = predict(model, image[None].to(device), image.shape[-2:], scales, flip,
+                            window)[0]
+        ids = official_ids[probs.argmax(0).cpu().numpy()]
+        # VOC's devkit reads palette PNGs; Cityscapes and ADE20K single-channel (mode L) ids
+        picture = (datasets.label_to_pil(ids, datasets.voc_palette(256)) if dataset_name == "voc"
+                   else Image.fromarray(ids))
+        save_image_atomic(picture, out_dir / names[i])
+        if count % log_every == 0 or count == len(todo):
+            elapsed = time.perf_counter() - start
+            print(f"submission {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
                   f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
 
 
@@ -364,6 +426,9 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--save-pred", metavar="DIR", help="write palette/confidence/colour PNGs")
+    p.add_argument("--submission", metavar="DIR",
+                   help="write the official submission files (Cityscapes labelIds, ADE20K ids "
+                        "1..150, VOC palette PNGs), one per image in one flat folder")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="with --save-pred: pixels below this confidence become 255 (ignore)")
     p.add_argument("--fps", action="store_true", help="measure FPS (DATASETS.md protocol)")
@@ -386,6 +451,9 @@ def check_args(args):
         raise ValueError("--model without --checkpoint needs a positive --num-classes")
     if (args.save_pred or not args.fps) and args.data_root is None and args.checkpoint:
         raise ValueError("--data-root is required to evaluate or save predictions")
+    if args.submission and (args.data_root is None or args.dataset not in datasets.SUBMISSION_IDS):
+        raise ValueError(f"--submission needs --data-root and --dataset one of "
+                         f"{sorted(datasets.SUBMISSION_IDS)}")
 
 
 def main(args):
@@ -414,6 +482,13 @@ def main(args):
                  "images": str(Path(args.data_root).resolve()), "split": args.split}
         save_predictions(model, dataset, args.save_pred, args.device, args.amp, args.threshold,
                          args.scales, args.flip, owner)
+    if dataset is not None and args.submission:
+        owner = {"submission": args.dataset, "checkpoint": str(Path(args.checkpoint).resolve())
+                 if args.checkpoint else None, "scales": args.scales, "flip": args.flip,
+                 "window": args.window, "images": str(Path(args.data_root).resolve()),
+                 "split": args.split}
+        save_submission(model, dataset, args.dataset, args.submission, args.device, args.amp,
+                        args.scales, args.flip, args.window, owner)
     if dataset is not None and args.dataset != "folder":
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                              num_workers=args.workers)
@@ -423,12 +498,14 @@ def main(args):
         results["metrics"] = metrics
     if args.fps:
         size = tuple(args.fps_size)
+        # costs of the network as deployed: no auxiliary head (models.py: it runs in training only)
         results["params_m"] = count_params(model) / 1e6
-        results["gflops"] = count_gflops(model, size)
+        results["gmacs"] = count_gmacs(model, size)
         results["fps"] = measure_fps(model, size, args.device, args.amp if args.device != "cpu"
                                      else "off", iters=args.fps_iters, min_seconds=args.fps_seconds)
         f = results["fps"]
-        print(f"params {results['params_m']:.2f} M | {results['gflops']:.2f} GFLOPs at "
+        print(f"params {results['params_m']:.2f} M | {results['gmacs']:.2f} GMACs "
+              f"({2 * results['gmacs']:.2f} GFLOPs) at "
               f"{size[0]}x{size[1]} | {f['fps']:.1f} FPS ({f['latency_ms']:.2f} ms, {f['iters']} "
               f"iters) | {f['device']} | {f['dtype']} | torch {f['torch']} | upsample+argmax "
               f"included")

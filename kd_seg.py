@@ -599,7 +599,7 @@ def cost_of(checkpoint, fps_size, quick, threads, json_path):
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             evaluation.main(evaluation.get_args_parser().parse_args(argv))
     result = json.loads(Path(json_path).read_text())
-    return {"params_m": result["params_m"], "gmacs": result["gflops"] / 2, "fps": result["fps"]["fps"]}
+    return {"params_m": result["params_m"], "gmacs": result["gmacs"], "fps": result["fps"]["fps"]}
 
 
 def picture_grid(checkpoints, dataset, path, count=6, width=128):

@@ -27,9 +27,10 @@ Index (term -> function):
                                               dilated_class_mask, adaptation_layer,
                                               imitation_loss
   MGD image-level / region-level              mgd_image_level, mgd_region_level
+  MGD's input resolution                      mgd_upsample
   MGD pixel-level, Xie/Zhu pseudo labels      pseudo_label_ce
   supervised OHEM cross-entropy (MGD/CPS)     ohem_ce
-  CWD                                         cwd
+  CWD (logits; features: Distiller cwd_feat)  cwd
 
 Usage (the teacher is frozen and in eval mode):
   with torch.no_grad():
@@ -188,24 +189,33 @@ class SelfAttention(nn.Module):
 class Discriminator(nn.Module):
     """SKD holistic discriminator D: a score per segmentation map (higher = "teacher-like").
 
-    Official architecture (networks/sagan_models.py): optional BatchNorm on the input, four
-    4x4 stride-2 spectral-normalised convs (64, 128, 256, 512 channels, LeakyReLU 0.1),
-    self-attention after the 256- and 512-channel convs, a final 4x4 conv to 1 channel.
-    Input: conditional (CVPR paper, default) = cat(image resized to the logits, softmax(z)),
-    3 + C channels; `conditional=False` (official code) = the raw logits, C channels.
+    Official architecture (networks/sagan_models.py): four 4x4 stride-2 spectral-normalised
+    convs (64, 128, 256, 512 channels, LeakyReLU 0.1), self-attention after the 256- and
+    512-channel convs, a final 4x4 conv to 1 channel. Each input variant as its source has it:
+    conditional (CVPR paper, default; network/discriminator.py on the official cvpr_19 branch)
+    = cat(image resized to the logits bilinearly with align_corners=True, softmax(z)), 3 + C
+    channels, no input BatchNorm; `conditional=False` (official master) = the raw logits, C
+    channels, through a BatchNorm first (its preprocess_GAN_mode 1). `input_bn` overrides.
     Build the input with `discriminator.make_input(image, logits)`. forward returns (N,)
     scores: the final conv's map averaged over space (1x1 for the official 65x65 logits).
     `width` (official 64) scales every conv; the CPU demo uses 16, since on small maps the
     512-channel convs cost several times the student's own step.
+    Spectral norm is torch's parametrization: 15 power iterations at construction, then one
+    per forward in train mode, u = W v / ||W v|| before v = W^T u / ||W^T u||. The official
+    SpectralNorm (networks/spectral.py) starts from random u, v without warm-up, updates v
+    before u, and iterates in eval mode too. Both estimate W's largest singular value; the
+    Distiller never puts D in eval mode.
     """
 
     # four stride-2 convs: below 16 pixels the last one would get an empty map
     min_size = 16
 
-    def __init__(self, num_classes, conditional=True, input_bn=True, width=64):
+    def __init__(self, num_classes, conditional=True, input_bn=None, width=64):
         super().__init__()
         self.conditional = conditional
         in_channels = num_classes + 3 if conditional else num_classes
+        if input_bn is None:   # as each variant's source: BatchNorm on master's logits only
+            input_bn = not conditional
         self.input_norm = nn.BatchNorm2d(in_channels) if input_bn else nn.Identity()
 
         def down(cin, cout):
@@ -223,8 +233,9 @@ class Discriminator(nn.Module):
     def make_input(self, image, logits):
         """D's input for one network's logits (N, C, h, w); `image` (N, 3, H, W) is resized.
 
-        Conditional: cat(resize(image), softmax(z)); otherwise the logits. Detach the result
-        before the D step; do not detach it for the student's generator term. Logits smaller
+        Conditional: cat(resize(image), softmax(z)), the image resized bilinearly with
+        align_corners=True as on the official cvpr_19 branch; otherwise the logits. Detach the
+        result before the D step; do not detach it for the student's generator term. Logits smaller
         than min_size (the CPU demo's 12x12 maps) are bilinearly upsampled to min_size first.
         """
         h, w = logits.shape[-2:]
@@ -234,7 +245,9 @@ class Discriminator(nn.Module):
         if not self.conditional:
             return _upcast(logits)
         probs = F.softmax(_upcast(logits), dim=1)  # float32: softmax under AMP
-        return torch.cat([resize_like(_upcast(image), logits), probs], dim=1)
+        image = F.interpolate(_upcast(image), size=logits.shape[-2:], mode="bilinear",
+                              align_corners=True)
+        return torch.cat([image, probs], dim=1)
 
     def forward(self, x):
         if min(x.shape[-2:]) < self.min_size:
@@ -408,7 +421,9 @@ def imitation_mask(labels, thing_classes, stride, psi=0.5, anchor_sizes=None,
     `anchor_sizes` given as FRACTIONS of min(H, W) (default 1/16, 1/8, 1/4, 1/2 of the crop
     side) times `aspect_ratios`; border-crossing anchors included. Per box: F_b = psi * max
     IoU over all anchors; a location is positive if any of its anchors has IoU > F_b (strict).
-    I = OR over boxes. (h, w) = feat_size, or ceil(H / stride), ceil(W / stride).
+    I = OR over boxes. A one-pixel object (a 1x1 box) gets no positive location, as in the
+    official code, whose IoU routine reads a 1x1 box as its padding marker and zeroes its IoU.
+    (h, w) = feat_size, or ceil(H / stride), ceil(W / stride).
     On unlabeled images pass the teacher's argmax map as `labels`.
     """
     if anchor_sizes is None:
@@ -419,6 +434,9 @@ def imitation_mask(labels, thing_classes, stride, psi=0.5, anchor_sizes=None,
     feat_h, feat_w = _feature_size(labels, stride, feat_size)
     mask = torch.zeros(n, feat_h * feat_w, device=labels.device)
     boxes, box_images = _thing_boxes(labels, thing_classes)
+    # official bbox_overlaps_batch: IoU 0 for a 1x1 box, so F_b = 0 and no IoU exceeds it
+    one_pixel = (boxes[:, 2] - boxes[:, 0] == 1) & (boxes[:, 3] - boxes[:, 1] == 1)
+    boxes, box_images = boxes[~one_pixel], box_images[~one_pixel]
     if len(boxes) == 0:
         return mask.view(n, feat_h, feat_w)
     sides = [fraction * min(height, width) for fraction in anchor_sizes]
@@ -449,11 +467,16 @@ def adaptation_layer(student_channels, teacher_channels, relu=True):
     """FGFI f_adap: 3x3 conv from the student's to the teacher's channels (+ ReLU).
 
     Use relu=True when the imitated teacher feature is post-ReLU (it cannot be negative).
-    Weights ~ N(0, 1e-4^2), bias 0 (official init): the imitation loss starts near its
-    value for a zero prediction and the layer does not disturb early training.
+    Weights from a normal of std 1e-4 truncated to +-2 std (the official init; its code
+    approximates the truncation with normal_().fmod_(2)), bias 0: the imitation loss starts
+    near its value for a zero prediction and the layer does not disturb early training.
+    The official code leaves the bias at PyTorch's default (its truncated branch skips the
+    zeroing): uniform up to 1/sqrt(9 C_s), which dwarfs the 1e-4 weights, so the layer would
+    start as a per-channel constant, its negative-bias channels mostly cut off by the ReLU.
+    kd-seg zeroes it (a deliberate deviation).
     """
     conv = nn.Conv2d(student_channels, teacher_channels, 3, padding=1)
-    nn.init.normal_(conv.weight, std=1e-4)
+    nn.init.trunc_normal_(conv.weight, std=1e-4, a=-2e-4, b=2e-4)
     nn.init.zeros_(conv.bias)
     return nn.Sequential(conv, nn.ReLU()) if relu else conv
 
@@ -477,14 +500,29 @@ def imitation_loss(adapted_student_feat, teacher_feat, mask):
 # MGD (Qin et al. 2022) and pseudo-label cross-entropy (Xie, Zhu, MGD)
 
 def mgd_image_level(student_logits, teacher_logits):
-    """MGD image-level semantic-sensitive loss: sum_{n,c} |avgpool(z_s)_nc - avgpool(z_t)_nc|.
+    """MGD image-level semantic-sensitive loss: (2/N) sum_{n,c} |avgpool(z_s)_nc - avgpool(z_t)_nc|.
 
-    Summed over batch and classes, not averaged (official code); lambda_1 (0.001 Cityscapes,
-    0.002 VOC) is applied outside. The teacher is the deep one (T_D).
+    The official code sums over classes and over each GPU's 2 mixed images, then averages over
+    GPUs, so lambda_1 is calibrated per 2 images; (2/N) over the N images given keeps that
+    meaning at any batch size and process count (equal to the official value at N = 2).
+    lambda_1 (0.001 Cityscapes, 0.002 VOC ResNet-18, 0.0005 VOC MobileNetV2) is applied
+    outside. The teacher is the deep one (T_D). The official code pools logits upsampled to
+    the input size (see `Distiller.mgd_unlabeled_terms`).
     """
     pooled_s = _upcast(student_logits).mean(dim=(2, 3))
     pooled_t = _upcast(teacher_logits).mean(dim=(2, 3))
-    return (pooled_s - pooled_t).abs().sum()
+    return (pooled_s - pooled_t).abs().sum() * 2 / student_logits.shape[0]
+
+
+def mgd_upsample(logits, size):
+    """Logits (N, C, h, w) to the input size (H, W), bilinear with align_corners=True.
+
+    MGD's official networks upsample their logits inside forward, so its pixel-level CE,
+    image-level pooling, CutMix of the teachers' logits and OHEM all run at input resolution.
+    kd-seg's MGD terms do the same; its task loss (OHEM included) upsamples to the label as
+    eval.py does, with align_corners=False, so that training and test see the same geometry.
+    """
+    return F.interpolate(_upcast(logits), size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def _region_affinity(feat, grid):
@@ -525,15 +563,18 @@ def pseudo_label_ce(student_logits, teacher_logits, ignore_index=255, threshold=
     return F.cross_entropy(student_logits, pseudo_labels, ignore_index=ignore_index)
 
 
-def ohem_ce(logits, labels, thresh=0.7, min_kept=100000, ignore_index=255):
+def ohem_ce(logits, labels, thresh=0.7, min_kept_per_image=50000, ignore_index=255):
     """Online hard example mining cross-entropy (ProbOhemCrossEntropy2d of the CPS/MGD code).
 
     Keep the valid pixels whose softmax probability of the true class is <= thresh; if that
     is fewer than min_kept, raise the threshold to the min_kept-th smallest probability; if
     the batch has fewer than min_kept valid pixels, keep them all. CE is the mean over the
-    kept pixels. logits (N, C, H, W) at label resolution (upsample them first), labels (N, H, W).
+    kept pixels. min_kept = min_kept_per_image * N: the official MGD code keeps 50,000 per
+    image of a GPU's batch (100,000 for its 2 images). logits (N, C, H, W) at label
+    resolution (upsample them first), labels (N, H, W).
     """
     logits = _upcast(logits)
+    min_kept = min_kept_per_image * logits.shape[0]
     with torch.no_grad():
         valid = labels != ignore_index
         num_valid = int(valid.sum())
@@ -573,7 +614,7 @@ def cwd(student_logits, teacher_logits, tau=4.0):
 # ============================================================================= the distiller
 # Term names accepted in a weights dict (train.py --kd name=weight,...). "unlabeled" is Xie et
 # al.'s lambda: the weight of the whole unlabeled-batch loss [CE(argmax T) + a L_p + b L_c].
-TERMS = ("pixel", "consistency", "pairwise", "holistic", "imitation", "cwd",
+TERMS = ("pixel", "consistency", "pairwise", "holistic", "imitation", "cwd", "cwd_feat",
          "unlabeled", "mgd_pixel", "mgd_image", "mgd_region")
 
 
@@ -581,8 +622,9 @@ class Distiller(nn.Module):
     """L = L_task + sum_k lambda_k * r_k(S, T): the one place where loss weights are applied.
 
     Holds the frozen teacher(s) and the small trainable pieces that distillation adds (FGFI's
-    adaptation layer, SKD's discriminator). The teachers are kept in a plain list so they are
-    neither trained, nor moved by `.train()`, nor saved in the student's checkpoints.
+    adaptation layer, CWD's feature alignment, SKD's discriminator). The teachers are kept in
+    a plain list so they are neither trained, nor moved by `.train()`, nor saved in the
+    student's checkpoints.
     `terms()` returns every unweighted term as a float32 scalar; `weighted_sum()` combines them.
     """
 
@@ -605,6 +647,12 @@ class Distiller(nn.Module):
             if not self.thing_classes:
                 raise ValueError("imitation needs the dataset's thing classes (none given)")
             self.adaptation = adaptation_layer(student_channels, teacher.feat_channels)
+        self.cwd_align = None
+        if "cwd_feat" in self.weights:
+            # CIRKD's CriterionCWD: a bias-free 1x1 conv (default init, trained with the
+            # student) to the teacher's channels, only when the channel counts differ
+            self.cwd_align = (nn.Conv2d(student_channels, teacher.feat_channels, 1, bias=False)
+                              if student_channels != teacher.feat_channels else nn.Identity())
         self.discriminator = None
         if "holistic" in self.weights:
             self.discriminator = Discriminator(num_classes, conditional=conditional_discriminator,
@@ -615,8 +663,10 @@ class Distiller(nn.Module):
         self._last_teacher_logits = None
 
     def student_side_parameters(self):
-        """Parameters trained with the student (FGFI's adaptation layer); D has its own optimiser."""
-        return self.adaptation.parameters() if self.adaptation is not None else []
+        """Parameters trained with the student (FGFI's adaptation layer, CWD's feature
+        alignment); D has its own optimiser."""
+        return [p for layer in (self.adaptation, self.cwd_align) if layer is not None
+                for p in layer.parameters()]
 
     @torch.no_grad()
     def teacher_outputs(self, images):
@@ -645,6 +695,12 @@ class Distiller(nn.Module):
             terms["consistency"] = consistency_kd(s_logits, t_logits)
         if "cwd" in w:
             terms["cwd"] = cwd(s_logits, t_logits, self.cwd_tau)
+        if "cwd_feat" in w:  # CWD on the last feature, as CIRKD (same tau as on the logits)
+            aligned = self.cwd_align(s_feat)
+            # CIRKD divides by N * the student's channels, counted before the alignment: equal
+            # to cwd's mean over channels when the counts match, C_t / C_s times it otherwise
+            terms["cwd_feat"] = (cwd(aligned, resize_like(t_out["feat"], s_feat), self.cwd_tau)
+                                 * aligned.shape[1] / s_feat.shape[1])
         if "pairwise" in w:
             terms["pairwise"] = pairwise_kd(s_feat, resize_like(t_out["feat"], s_feat),
                                             self.pairwise_scale, self.pairwise_kernel)
@@ -654,7 +710,9 @@ class Distiller(nn.Module):
         if "imitation" in w:
             terms["imitation"] = self.imitation(images, labels, s_feat, t_out["feat"], step)
         if "mgd_pixel" in w:  # MGD pixel level on the labeled batch: CE to each teacher's argmax
-            terms["mgd_pixel"] = sum(pseudo_label_ce(s_logits, resize_like(t["out"], s_logits))
+            size = images.shape[-2:]
+            terms["mgd_pixel"] = sum(pseudo_label_ce(mgd_upsample(s_logits, size),
+                                                     mgd_upsample(t["out"], size))
                                      for t in teacher_outs)
         if unlabeled is not None and self.mixes_unlabeled:
             terms.update(self.mgd_unlabeled_terms(student, unlabeled, mix_mask, autocast))
@@ -691,25 +749,26 @@ class Distiller(nn.Module):
     def mgd_unlabeled_terms(self, student, images, mask, autocast):
         """MGD on a CutMix of two unlabeled halves: pixel level to both teachers' mixed argmax,
         image level to the deep teacher T_D, region level to the wide teacher T_W (as the
-        official code, the teachers see the mixed image for the image and region terms)."""
+        official code, the teachers see the mixed image for the image and region terms).
+        As the official code, every logit map is first upsampled to the input size
+        (`mgd_upsample`): the CE, the pooling and the CutMix of the teachers' logits run there."""
         u0, u1 = images.chunk(2)
         mixed = u0 * (1 - mask) + u1 * mask
+        size = images.shape[-2:]
         with autocast, torch.no_grad():
             teacher_on_mix = [t(mixed) for t in self.teachers]
             pseudo_logits = []
             for t in self.teachers:  # mixing logits = mixing predictions, the mask being 0/1
-                z0, z1 = t(u0)["out"], t(u1)["out"]
-                m = F.interpolate(mask, size=z0.shape[-2:], mode="nearest")
-                pseudo_logits.append(z0 * (1 - m) + z1 * m)
+                z0, z1 = mgd_upsample(t(u0)["out"], size), mgd_upsample(t(u1)["out"], size)
+                pseudo_logits.append(z0 * (1 - mask) + z1 * mask)
         with autocast:
             s_out = student(mixed)
-        s_logits = s_out["out"]
+        s_logits = mgd_upsample(s_out["out"], size)
         w, terms = self.weights, {}
         if "mgd_pixel" in w:
-            terms["u_mgd_pixel"] = sum(pseudo_label_ce(s_logits, resize_like(z, s_logits))
-                                       for z in pseudo_logits)
+            terms["u_mgd_pixel"] = sum(pseudo_label_ce(s_logits, z) for z in pseudo_logits)
         if "mgd_image" in w:
-            terms["mgd_image"] = mgd_image_level(s_logits, resize_like(teacher_on_mix[0]["out"], s_logits))
+            terms["mgd_image"] = mgd_image_level(s_logits, mgd_upsample(teacher_on_mix[0]["out"], size))
         if "mgd_region" in w:
             terms["mgd_region"] = mgd_region_level(s_out["feat"], teacher_on_mix[1]["feat"])
         return terms
@@ -727,11 +786,16 @@ class Distiller(nn.Module):
         return total
 
     def discriminator_loss(self, images, student_logits):
-        """SKD holistic, D side: E[D(s)] - E[D(t)] + lambda_gp * GP, in float32 on detached maps
-        (after the student's step, on this step's maps, as in the official code)."""
+        """SKD holistic, D side: lambda_d * (E[D(s)] - E[D(t)]) + lambda_d * lambda_gp * GP,
+        lambda_d = the "holistic" weight (official 0.1 on both sides, networks/kd_model.py
+        discriminator_backward). In float32 on detached maps, after the student's step, on
+        this step's maps, as in the official code."""
+        lambda_d = self.weights["holistic"]
         with torch.autocast(images.device.type, enabled=False):
             d = self.discriminator
             fake = d.make_input(images.float(), student_logits.detach().float())
             real = d.make_input(images.float(), self._last_teacher_logits.float())
-            return (discriminator_loss(d(fake), d(real))
-                    + self.lambda_gp * gradient_penalty(d, real, fake))
+            # the holistic weight scales the D step too: without it the critic's gradient
+            # would be 1/lambda_d (10x) the official one beside the same weight decay
+            return lambda_d * (discriminator_loss(d(fake), d(real))
+                               + self.lambda_gp * gradient_penalty(d, real, fake))

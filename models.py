@@ -312,7 +312,8 @@ class DeepLabV3PlusHead(nn.Module):
 class PSPHead(nn.Module):
     """PSPNet (Zhao et al., CVPR 2017): average-pool to 1x1, 2x2, 3x3, 6x6 bins, 1x1 conv each to
     in_channels / 4, upsample, concatenate with the input, 3x3 conv to 2 * channels (512 at full
-    width: feat, taken before the dropout), dropout 0.1, 1x1 classifier."""
+    width), dropout 0.1 (feat: its output, the classifier's input, as SKD's official
+    x_feat_after_psp, which in train mode has been through the dropout), 1x1 classifier."""
 
     def __init__(self, in_channels, num_classes, channels, bins=(1, 2, 3, 6)):
         super().__init__()
@@ -328,8 +329,8 @@ class PSPHead(nn.Module):
         x = features["out"]
         pyramid = [F.interpolate(stage(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
                    for stage in self.stages]
-        feat = self.bottleneck(torch.cat([x] + pyramid, dim=1))
-        return self.classifier(self.dropout(feat)), feat
+        feat = self.dropout(self.bottleneck(torch.cat([x] + pyramid, dim=1)))
+        return self.classifier(feat), feat
 
 
 def fcn_aux_head(in_channels, num_classes):
@@ -370,7 +371,9 @@ class SegmentationModel(nn.Module):
         features = self.backbone(x)
         out, feat = self.head(features)
         outputs = {"out": out, "feat": feat}
-        if self.aux_head is not None:
+        # The auxiliary head is deep supervision: run in training only (as mmsegmentation), so an
+        # eval-mode forward (evaluation, a teacher, FPS and GMACs) is the network as deployed.
+        if self.aux_head is not None and self.training:
             outputs["aux"] = self.aux_head(features["middle"])
         return outputs
 
@@ -451,7 +454,8 @@ def build_model(name, num_classes, output_stride=8, pretrained=None, aux=False):
       "out":  logits (N, num_classes, H/os, W/os), H/4 x W/4 for deeplabv3plus; not upsampled.
       "feat": (N, model.feat_channels, same size as "out"), the head's feature right before the
               final classifier (for deeplabv2, the backbone's last feature).
-      "aux":  only when aux=True: logits (N, num_classes, H/min(os, 16), W/min(os, 16)).
+      "aux":  only when aux=True and in training mode: logits (N, num_classes, H/min(os, 16),
+              W/min(os, 16)). In eval mode the auxiliary head does not run (never at test time).
     The model has `.backbone` (torchvision parameter names), `.feat_channels`, `.num_classes`,
     `.output_stride`. Sizes above are for H, W divisible by os; others round up per stride.
     """

@@ -241,6 +241,36 @@ def test_voc(tmp_path):
     assert image.shape == (3, 6, 8)
 
 
+def test_voc_train_aug_in_mmsegmentations_converted_layout(tmp_path):
+    # mmsegmentation's voc_aug.py: VOC masks of train.txt in SegmentationClass, SBD masks of
+    # aug.txt (SBD minus VOC train and val) in SegmentationClassAug, no train_aug list.
+    voc = os.path.join(str(tmp_path), "VOCdevkit", "VOC2012")
+    for name in ["2007_000001", "2007_000002", "2008_000003", "2008_000004"]:
+        write_image(os.path.join(voc, "JPEGImages", name + ".jpg"), fmt="JPEG")
+    for name, ids in [("2007_000001", [0, 15, 255]), ("2007_000002", [20, 255])]:
+        write_label(os.path.join(voc, "SegmentationClass", name + ".png"), labelled(ids), "P")
+    for name, ids in [("2008_000003", [0, 7]), ("2008_000004", [3])]:  # SBD: single-channel
+        write_label(os.path.join(voc, "SegmentationClassAug", name + ".png"), labelled(ids))
+    sets = os.path.join(voc, "ImageSets", "Segmentation")
+    write_lines(os.path.join(sets, "train.txt"), ["2007_000001"])  # VOC-only: no SBD mask
+    write_lines(os.path.join(sets, "val.txt"), ["2007_000002"])
+    write_lines(os.path.join(sets, "aug.txt"), ["2008_000004", "2008_000003"])
+    aug = datasets.build_dataset("voc", str(tmp_path), "train_aug")
+    assert ids_of(aug) == ["2007_000001", "2008_000004", "2008_000003"]  # train.txt, then aug.txt
+    assert [os.path.basename(os.path.dirname(p)) for p in aug.label_paths] == [
+        "SegmentationClass", "SegmentationClassAug", "SegmentationClassAug"]
+    assert [label_values(aug, i) for i in range(3)] == [[0, 15, 255], [3], [0, 7]]
+    assert ids_of(datasets.build_dataset("voc", str(tmp_path), "aug")) == ["2008_000004", "2008_000003"]
+    assert ids_of(datasets.build_dataset("voc", str(tmp_path), "val")) == ["2007_000002"]
+    # a train_aug list, if there is one, is today's layout and wins
+    write_lines(os.path.join(sets, "train_aug.txt"), ["2008_000003"])
+    assert ids_of(datasets.build_dataset("voc", str(tmp_path), "train_aug")) == ["2008_000003"]
+    os.remove(os.path.join(sets, "train_aug.txt"))
+    os.remove(os.path.join(sets, "train.txt"))
+    with pytest.raises(FileNotFoundError, match="train.txt"):
+        datasets.build_dataset("voc", str(tmp_path), "train_aug")
+
+
 def test_cityscapes_label_ids_and_train_ids(tmp_path):
     root = str(tmp_path)
     for split, city in [("train", "aachen"), ("val", "lindau")]:

@@ -1,5 +1,9 @@
-"""eval.py: the confusion-matrix mIoU, the CLI, prediction PNGs, FPS and bad input."""
+"""eval.py: the confusion-matrix mIoU, the CLI, prediction PNGs, submission files, FPS, GMACs
+and bad input."""
+import glob
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ import datasets
 import eval as evaluation
 import models
 from conftest import run_cli
+from test_datasets import make_voc, write_label
 
 
 def test_miou_closed_form_with_absent_class_and_ignore():
@@ -51,8 +56,9 @@ def test_eval_cli_metrics_pngs_and_fps(data_root, teacher_checkpoint, tmp_path):
                 "--fps-iters", "3", "--fps-seconds", "1", "--device", "cpu", "--json", result)
     assert r.returncode == 0, r.stderr
     assert "mIoU" in r.stdout and "FPS" in r.stdout and "disk" in r.stdout  # class-name table
+    assert "GMACs" in r.stdout
     out = json.loads(result.read_text())
-    assert 0 <= out["metrics"]["miou"] <= 1 and out["fps"]["fps"] > 0 and out["gflops"] > 0
+    assert 0 <= out["metrics"]["miou"] <= 1 and out["fps"]["fps"] > 0 and out["gmacs"] > 0
     label = Image.open(pred_dir / "val_00000.png")
     assert label.mode == "P"
     assert Image.open(pred_dir / "confidence" / "val_00000.png").mode == "L"
@@ -144,9 +150,173 @@ def test_sliding_window_covers_the_image_and_equals_plain_when_the_window_fits()
 
 
 class PointwiseModel(torch.nn.Module):
-    def __init__(self):
+    """Logits from each pixel's colour alone (a 1x1 conv): no context, so windows change nothing,
+    and its argmax at the image's own size is `conv(image).argmax(1)`."""
+
+    def __init__(self, num_classes=3):
         super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.conv = torch.nn.Conv2d(3, num_classes, 1)
 
     def forward(self, x):
         return {"out": self.conv(x)}
+
+
+# ----------------------------------------------------------------------------- costs as deployed
+def test_costs_leave_out_the_auxiliary_head():
+    # The aux head only trains: params, MACs and FPS of aux=True must be those of aux=False.
+    torch.manual_seed(0)
+    with_aux = models.build_model("pspnet_resnet18_micro", 19, output_stride=8, aux=True)
+    without = models.build_model("pspnet_resnet18_micro", 19, output_stride=8)
+    aux_params = sum(p.numel() for p in with_aux.aux_head.parameters())
+    assert aux_params > 0
+    assert sum(p.numel() for p in with_aux.parameters()) == evaluation.count_params(without) + aux_params
+    assert evaluation.count_params(with_aux) == evaluation.count_params(without)
+    assert evaluation.count_gmacs(with_aux, (64, 64)) == evaluation.count_gmacs(without, (64, 64))
+    assert with_aux.train()(torch.randn(2, 3, 64, 64)).keys() == {"out", "feat", "aux"}
+    assert "aux" not in with_aux.eval()(torch.randn(1, 3, 64, 64))  # what FPS times
+
+
+def test_gmacs_match_torchvisions_published_deeplabv3_resnet101():
+    # torchvision's model table: deeplabv3_resnet101 (21 classes, output stride 8, with its aux
+    # FCNHead) has 60,996,202 parameters and 258.743 "GFLOPS" at 520x520, which are multiply-adds.
+    # kd-seg's same configuration gives exactly that: the deployed network (count_gmacs) plus the
+    # aux head run on layer3's feature. On the meta device nothing is computed: about 2 s.
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = models.build_model("deeplabv3_resnet101", 21, output_stride=8, aux=True).eval()
+        layer3 = torch.zeros(1, model.backbone.middle_channels, 65, 65)  # 520 / 8
+    aux_counter = FlopCounterMode(display=False)
+    with aux_counter, torch.no_grad():
+        model.aux_head(layer3)
+    deployed = evaluation.count_gmacs(model, (520, 520))
+    assert round(deployed + aux_counter.get_total_flops() / 2e9, 3) == 258.743
+    assert sum(p.numel() for p in model.parameters()) == 60_996_202
+    assert round(deployed, 3) == 248.752  # what kd-seg reports: the aux head never runs at test time
+    aux_params = sum(p.numel() for p in model.aux_head.parameters())
+    assert evaluation.count_params(model) == 60_996_202 - aux_params == 58_630_997
+
+
+# ----------------------------------------------------------------------------- submission files
+# DATASETS.md's labelId -> trainId table, written out here so the test does not read datasets.py's.
+LABEL_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_STEMS = ["frankfurt_000000_000294", "frankfurt_000001_007973", "lindau_000000_000019"]
+
+
+def write_random_image(path, size, rng):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def make_cityscapes_val(root, size=(24, 16)):
+    """Cityscapes val in its own layout: 3 images in 2 cities, random labelIds 0..33 (ignored ids
+    included)."""
+    rng = np.random.default_rng(0)
+    for stem in CITYSCAPES_STEMS:
+        city = stem.split("_")[0]
+        write_random_image(root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png", size, rng)
+        write_label(str(root / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png"),
+                    rng.integers(0, 34, (size[1], size[0])))
+    return root
+
+
+def make_ade20k_val(root, size=(24, 16)):
+    rng = np.random.default_rng(1)
+    base = root / "ADEChallengeData2016"
+    for name in ["ADE_val_00000001", "ADE_val_00000002"]:
+        write_random_image(base / "images" / "validation" / f"{name}.jpg", size, rng)
+        write_label(str(base / "annotations" / "validation" / f"{name}.png"),
+                    rng.integers(0, 151, (size[1], size[0])))
+    return root
+
+
+def pointwise_argmax(model, image):
+    with torch.no_grad():
+        return model.conv(image[None])[0].argmax(0).numpy()
+
+
+@pytest.mark.parametrize("name, make, split, num_classes", [
+    ("cityscapes", make_cityscapes_val, "val", 19),
+    ("ade20k", make_ade20k_val, "val", 150),
+    ("voc", lambda root: make_voc(str(root)) and root, "val", 21),  # make_voc returns VOC2012
+])
+def test_submission_files_hold_the_predictions_in_the_datasets_own_ids(tmp_path, name, make,
+                                                                        split, num_classes):
+    torch.manual_seed(0)
+    model = PointwiseModel(num_classes).eval()
+    dataset = datasets.build_dataset(name, str(make(tmp_path / name)), split)
+    out = tmp_path / "submission"
+    evaluation.save_submission(model, dataset, name, out, "cpu")
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in dataset.image_paths]
+    # one flat folder, one file per image, named after the image (plus kd-seg's marker)
+    expected = sorted([stem + ".png" for stem in stems] + ["kd_seg_run.json"])
+    assert sorted(f.name for f in out.iterdir()) == expected
+    for index, stem in enumerate(stems):
+        written = Image.open(out / f"{stem}.png")
+        ids = np.array(written)
+        prediction = pointwise_argmax(model, dataset[index][0])
+        if name == "cityscapes":  # labelIds, single channel; back to trainIds with DATASETS.md's table
+            assert written.mode == "L" and set(np.unique(ids)) <= set(LABEL_ID_TO_TRAIN_ID)
+            assert np.array_equal(np.vectorize(LABEL_ID_TO_TRAIN_ID.get)(ids), prediction)
+        elif name == "ade20k":  # ids 1..150, 0 ("other") never predicted
+            assert written.mode == "L" and ids.min() >= 1
+            assert np.array_equal(ids, prediction + 1)
+        else:  # VOC: palette PNG of VOC ids with the VOC colour map
+            assert written.mode == "P" and np.array_equal(ids, prediction)
+            colours = np.array(written.convert("RGB"))
+            assert all(tuple(colours[y, x]) == datasets.voc_palette(21)[ids[y, x]]
+                       for y, x in [(0, 0), (3, 5), (5, 7)])
+        assert len(np.unique(prediction)) > 1  # the check sees more than one class
+
+
+def test_submission_is_resumable_and_refuses_other_files(tmp_path):
+    model = PointwiseModel(19).eval()
+    dataset = datasets.build_dataset("cityscapes", str(make_cityscapes_val(tmp_path / "cs")), "val")
+    out, owner = tmp_path / "submission", {"checkpoint": "a"}
+    evaluation.save_submission(model, dataset, "cityscapes", out, "cpu", owner=owner)
+    first = out / f"{CITYSCAPES_STEMS[0]}_leftImg8bit.png"
+    first.unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    evaluation.save_submission(model, dataset, "cityscapes", out, "cpu", owner=owner)  # resumes
+    assert first.exists() and all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert not list(out.glob(".*"))  # no temporary file left
+    with pytest.raises(ValueError, match="another run"):
+        evaluation.save_submission(model, dataset, "cityscapes", out, "cpu", owner={"checkpoint": "b"})
+    (out / "frankfurt_000000_000294_leftImg8bit_color.png").write_bytes(b"")  # a second match
+    with pytest.raises(ValueError, match="no file of this submission"):
+        evaluation.save_submission(model, dataset, "cityscapes", out, "cpu", owner=owner)
+    with pytest.raises(ValueError, match="no official format"):
+        evaluation.save_submission(model, dataset, "camvid", tmp_path / "other", "cpu")
+
+
+def test_submission_cli_needs_a_dataset_with_an_official_format(tmp_path):
+    r = run_cli("eval.py", "--checkpoint", tmp_path / "run.pt", "--data-root", tmp_path,
+                "--dataset", "camvid", "--submission", tmp_path / "sub")
+    assert r.returncode == 2 and "--submission" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "sub").exists()
+
+
+def test_cityscapesscripts_reads_the_submission_and_agrees_with_eval_py(tmp_path, monkeypatch):
+    # The official evaluation (not a CI dependency: runs only where it is installed) finds each
+    # ground truth's file in the submission folder by its own rule (getPrediction) and gives
+    # exactly eval.py's mIoU over the same images. Its instance-level score is switched off: it
+    # needs instanceIds files and calls np.in1d, which numpy 2.4 removed.
+    pytest.importorskip("cityscapesscripts")
+    root = make_cityscapes_val(tmp_path / "cityscapes")
+    monkeypatch.setenv("CITYSCAPES_DATASET", str(root))  # read when the module is imported
+    sys.modules.pop("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling", None)
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+    torch.manual_seed(0)
+    model = PointwiseModel(19).eval()
+    dataset = datasets.build_dataset("cityscapes", str(root), "val")
+    evaluation.save_submission(model, dataset, "cityscapes", tmp_path / "submission", "cpu")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1)
+    miou = evaluation.evaluate(model, loader, "cpu", dataset.num_classes)["miou"]
+    args = official.args
+    args.predictionPath, args.evalInstLevelScore, args.JSONOutput, args.quiet = (
+        str(tmp_path / "submission"), False, False, True)
+    ground_truth = sorted(glob.glob(args.groundTruthSearch))
+    assert len(ground_truth) == 3
+    result = official.evaluateImgLists([official.getPrediction(args, gt) for gt in ground_truth],
+                                       ground_truth, args)
+    assert result["averageScoreClasses"] == pytest.approx(miou, abs=1e-12)

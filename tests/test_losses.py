@@ -58,12 +58,25 @@ def test_cwd_closed_form():
     assert losses.cwd(student, teacher, tau=4.0).item() == pytest.approx(2.301457, abs=1e-5)
 
 
-def test_mgd_image_level_closed_form():
-    student, teacher = torch.zeros(2, 19, 8, 8), torch.ones(2, 19, 8, 8)
+@pytest.mark.parametrize("images", [2, 4])
+def test_mgd_image_level_closed_form(images):
+    # (2/N) sum over N images x 19 classes of |0 - 1|: the official per-GPU value (2 images)
+    # at any batch size
+    student, teacher = torch.zeros(images, 19, 8, 8), torch.ones(images, 19, 8, 8)
     loss = losses.mgd_image_level(student, teacher)
-    assert loss.item() == pytest.approx(38.0)            # summed over 2 images x 19 classes
+    assert loss.item() == pytest.approx(38.0)
     lambda_1 = 0.001                                      # applied by the caller
     assert (lambda_1 * loss).item() == pytest.approx(0.038)
+
+
+def test_mgd_image_level_is_the_mean_of_the_official_per_gpu_values():
+    # 8 images on 4 "GPUs" of 2 each: the official code sums |pooled difference| per GPU,
+    # then averages the 4 sums; one process with all 8 images must give the same value
+    student, teacher = torch.randn(8, 5, 6, 6), torch.randn(8, 5, 6, 6)
+    per_gpu = [(nn.functional.adaptive_avg_pool2d(s, 1) - nn.functional.adaptive_avg_pool2d(t, 1)).abs().sum()
+               for s, t in zip(student.split(2), teacher.split(2))]
+    assert losses.mgd_image_level(student, teacher).item() == pytest.approx(
+        (sum(per_gpu) / 4).item(), rel=1e-5)
 
 
 def test_mgd_region_level_closed_form():
@@ -199,6 +212,15 @@ def test_pairwise_kd_official_pooling_makes_3x3_nodes_from_65x65():
         losses.pairwise_kd(pool(student), pool(teacher), kernel=1).item(), rel=1e-6)
 
 
+def test_pspnet_feat_is_the_classifier_input_after_the_dropout():
+    # SKD's official pair-wise feature is x_feat_after_psp, the PSP bottleneck's output after
+    # Dropout2d(0.1), which the classifier reads: in train mode the dropped-out feature
+    import models
+    model = models.build_model("pspnet_resnet18_micro", 5).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(model.head.classifier(out["feat"]), out["out"])
+
+
 def test_consistency_kd_is_zero_on_constant_maps():
     # constant maps have no centre-surround differences for either network
     student = torch.randn(2, 5, 1, 1).expand(2, 5, 6, 6)
@@ -244,14 +266,47 @@ def test_ohem_ce_keeps_hard_pixels():
     labels[0, 0, :4] = 255
     plain = nn.functional.cross_entropy(logits, labels, ignore_index=255)
     # thresh 1 keeps every valid pixel; more min_kept than valid pixels keeps them all too
-    keep_all = [losses.ohem_ce(logits, labels, thresh=1.0, min_kept=1),
-                losses.ohem_ce(logits, labels, thresh=0.0, min_kept=1000)]
+    keep_all = [losses.ohem_ce(logits, labels, thresh=1.0, min_kept_per_image=1),
+                losses.ohem_ce(logits, labels, thresh=0.0, min_kept_per_image=1000)]
     assert [loss.item() for loss in keep_all] == pytest.approx([plain.item()] * 2)
     # thresh 0 and min_kept k keep exactly the k pixels with the lowest true-class probability
     per_pixel = nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="none")
     hardest = per_pixel[labels != 255].topk(10).values.mean()
-    hard = losses.ohem_ce(logits, labels, thresh=0.0, min_kept=10)
+    hard = losses.ohem_ce(logits, labels, thresh=0.0, min_kept_per_image=10)
     assert hard.item() == pytest.approx(hardest.item(), rel=1e-5)
+
+
+def official_ohem(logits, labels, thresh, min_kept, ignore=255):
+    """ProbOhemCrossEntropy2d of the CPS/MGD code (furnace/seg_opr/loss_opr.py), restated."""
+    c = logits.shape[1]
+    target = labels.flatten()
+    valid = target != ignore
+    target = target * valid
+    prob = nn.functional.softmax(logits, dim=1).transpose(0, 1).reshape(c, -1)
+    if min_kept <= int(valid.sum()):
+        prob = prob.masked_fill(~valid, 1)
+        mask_prob = prob[target, torch.arange(len(target))]
+        threshold = thresh
+        index = mask_prob.argsort()
+        if mask_prob[index[min(len(index), min_kept) - 1]] > thresh:
+            threshold = mask_prob[index[min(len(index), min_kept) - 1]]
+        valid = valid & (mask_prob <= threshold)
+    target = target.masked_fill(~valid, ignore).view_as(labels)
+    return nn.functional.cross_entropy(logits, target, ignore_index=ignore)
+
+
+@pytest.mark.parametrize("images", [1, 2, 3])
+def test_ohem_ce_keeps_50000_pixels_per_image_as_the_official_code(images):
+    # official MGD Cityscapes: min_kept = 50,000 x (images per GPU), 100,000 for its 2 images.
+    # 256x256 images (65,536 pixels each), about half of them below thresh 0.7 (the other
+    # half labelled with the logits' argmax): min_kept, not thresh, sets what is kept
+    logits = 4 * torch.randn(images, 4, 256, 256)
+    labels = logits.argmax(dim=1)
+    relabel = torch.rand(labels.shape) < 0.4
+    labels[relabel] = torch.randint(0, 4, (int(relabel.sum()),))
+    labels[:, :8] = 255
+    expected = official_ohem(logits, labels, 0.7, 50000 * images)
+    assert losses.ohem_ce(logits, labels, thresh=0.7).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,6 +355,169 @@ def test_wasserstein_losses():
     d_fake, d_real = torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0])
     assert losses.discriminator_loss(d_fake, d_real).item() == pytest.approx(2.0 - 6.0)
     assert losses.generator_loss(d_fake).item() == pytest.approx(-2.0)
+
+
+class TinySegNet(nn.Module):
+    """A stride-`stride` stand-in for a segmentation model: {"out": logits, "feat": feature}."""
+
+    def __init__(self, num_classes=4, channels=6, stride=4):
+        super().__init__()
+        self.body = nn.Conv2d(3, channels, 3, stride=stride, padding=1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.feat_channels = channels
+
+    def forward(self, x):
+        feat = torch.relu(self.body(x))
+        return {"out": self.classifier(feat), "feat": feat}
+
+
+def d_gradients(discriminator, loss):
+    discriminator.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in discriminator.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_discriminator_step_carries_the_holistic_weight(conditional):
+    # official discriminator_backward: lambda_d * critic + lambda_d * lambda_gp * GP
+    lambda_d = 0.1
+    student, teacher = TinySegNet(stride=2), TinySegNet(stride=2)
+    distiller = losses.Distiller(teacher, {"holistic": lambda_d}, 6, 4, discriminator_width=8,
+                                 conditional_discriminator=conditional)
+    d = distiller.discriminator.eval()   # eval: no power-iteration step between the two losses
+    images = torch.randn(2, 3, 32, 32)
+    output = student(images)
+    distiller.terms(student, output, images, torch.zeros(2, 32, 32, dtype=torch.long), step=0)
+    torch.manual_seed(1)                 # the same alpha for both penalties
+    weighted = d_gradients(d, distiller.discriminator_loss(images, output["out"]))
+    torch.manual_seed(1)
+    fake = d.make_input(images, output["out"].detach())
+    real = d.make_input(images, teacher(images)["out"])
+    unweighted = (losses.discriminator_loss(d(fake), d(real))
+                  + 10 * losses.gradient_penalty(d, real, fake))
+    reference = d_gradients(d, unweighted)
+    assert len(weighted) == len(reference) > 10
+    for w, u in zip(weighted, reference):
+        scale = (lambda_d * u).abs().max().item()
+        torch.testing.assert_close(w, lambda_d * u, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_conditional_discriminator_is_the_cvpr_19_branch_one():
+    # network/discriminator.py on the official cvpr_19 branch, restated: no input BatchNorm,
+    # in_ = cat(Upsample(bilinear, align_corners=True)(image), softmax(logits)), l1 l2 l3,
+    # attention, l4, attention, last
+    d = losses.Discriminator(5, conditional=True, width=8).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+    image, logits = torch.randn(2, 3, 130, 130), torch.randn(2, 5, 65, 65)
+    scaled = nn.Upsample(size=(65, 65), mode="bilinear", align_corners=True)(image)
+    x = torch.cat([scaled, nn.functional.softmax(logits, dim=1)], dim=1)
+    x = d.attention1(d.conv3(d.conv2(d.conv1(x))))
+    expected = d.last(d.attention2(d.conv4(x))).squeeze()   # 1x1 map for 65x65 logits
+    torch.testing.assert_close(d(d.make_input(image, logits)), expected)
+
+
+def test_logits_discriminator_is_the_master_one_with_input_batchnorm():
+    # networks/sagan_models.py on master, preprocess_GAN_mode 1: BatchNorm2d(C) on the logits
+    d = losses.Discriminator(5, conditional=False, width=8)
+    assert isinstance(d.input_norm, nn.BatchNorm2d) and d.input_norm.num_features == 5
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 1
+    logits = torch.randn(2, 5, 20, 20)
+    assert torch.equal(d.make_input(torch.randn(2, 3, 40, 40), logits), logits)
+
+
+def test_spectral_norm_is_torchs_power_iteration_not_the_officials_order():
+    # one train-mode forward: torch updates u = Wv/|Wv| then v = W^T u/|W^T u|, sigma = u.W v;
+    # the official SpectralNorm updates v first. Both converge to the largest singular value.
+    conv = losses.Discriminator(3, conditional=False, width=8).conv2[0]
+    param = conv.parametrizations.weight
+    u, v = param[0]._u.clone(), param[0]._v.clone()
+    w = param.original.flatten(1)
+    torch_u = nn.functional.normalize(w @ v, dim=0)
+    torch_v = nn.functional.normalize(w.T @ torch_u, dim=0)
+    official_v = nn.functional.normalize(w.T @ u, dim=0)
+    official_u = nn.functional.normalize(w @ official_v, dim=0)
+    conv.train()
+    normalised = conv.weight.flatten(1)              # one power iteration
+    torch_sigma, official_sigma = torch_u @ w @ torch_v, official_u @ w @ official_v
+    torch.testing.assert_close(normalised, w / torch_sigma)
+    assert abs(torch_sigma - official_sigma) > 1e-4 * torch_sigma    # the orders differ
+    for _ in range(300):   # and converge to the same value
+        v = nn.functional.normalize(w.T @ nn.functional.normalize(w @ v, dim=0), dim=0)
+        u = nn.functional.normalize(w @ nn.functional.normalize(w.T @ u, dim=0), dim=0)
+    largest = torch.linalg.svdvals(w)[0].item()
+    assert (w @ v).norm().item() == pytest.approx(largest, rel=1e-4)
+    assert (w.T @ u).norm().item() == pytest.approx(largest, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# MGD at the input resolution, as the official code
+
+def test_mgd_terms_run_at_input_resolution_in_the_official_order():
+    torch.manual_seed(0)
+    deep, wide, student = TinySegNet(channels=8), TinySegNet(channels=10), TinySegNet()
+    weights = {"mgd_pixel": 1, "mgd_image": 0.001, "mgd_region": 100}
+    distiller = losses.Distiller(deep, weights, 6, 4, wide_teacher=wide)
+    images, unlabeled = torch.randn(2, 3, 30, 34), torch.randn(4, 3, 30, 34)
+    mask = torch.zeros(2, 1, 30, 34)
+    mask[0, :, 3:17, 5:21] = 1
+    mask[1, :, 11:29, 1:30] = 1
+    terms = distiller.terms(student, student(images), images, torch.zeros(2, 30, 34, dtype=torch.long),
+                            0, unlabeled, mask)
+
+    # the official train.py, restated: every network upsamples its logits to the input size
+    # (F.interpolate bilinear, align_corners=True) inside forward; the rest follows
+    def up(logits):
+        return nn.functional.interpolate(logits, size=(30, 34), mode="bilinear", align_corners=True)
+
+    def ce(logits, labels):
+        return nn.functional.cross_entropy(logits, labels, ignore_index=255)
+
+    teachers = (deep, wide)
+    labeled = sum(ce(up(student(images)["out"]), up(t(images)["out"]).argmax(1)) for t in teachers)
+    u0, u1 = unlabeled[:2], unlabeled[2:]
+    mixed = u0 * (1 - mask) + u1 * mask
+    s_mixed = up(student(mixed)["out"])
+    pixel_u = sum(ce(s_mixed, (up(t(u0)["out"]) * (1 - mask) + up(t(u1)["out"]) * mask).argmax(1))
+                  for t in teachers)
+    pool = nn.functional.adaptive_avg_pool2d
+    image = (pool(s_mixed, 1) - pool(up(deep(mixed)["out"]), 1)).abs().sum()   # 2 images = 1 GPU
+    region = losses.mgd_region_level(student(mixed)["feat"], wide(mixed)["feat"])
+    for name, expected in [("mgd_pixel", labeled), ("u_mgd_pixel", pixel_u), ("mgd_image", image),
+                           ("mgd_region", region)]:
+        assert terms[name].item() == pytest.approx(expected.item(), rel=1e-5), name
+
+
+# ---------------------------------------------------------------------------------------
+# CWD on features (CIRKD's CriterionCWD with norm_type='channel', divergence='kl', tau 4)
+
+def cirkd_cwd(preds_s, preds_t, conv, tau=4.0):
+    """CIRKD losses/cwd.py CriterionCWD.forward, restated."""
+    n, c = preds_s.shape[:2]
+    if preds_s.shape[1] != preds_t.shape[1]:
+        preds_s = conv(preds_s)
+    norm_s = (preds_s / tau).flatten(2).softmax(dim=-1)
+    norm_t = (preds_t / tau).flatten(2).softmax(dim=-1)
+    loss = nn.functional.kl_div(norm_s.log(), norm_t, reduction="sum")
+    return loss / (n * c) * tau ** 2
+
+
+@pytest.mark.parametrize("student_channels", [6, 10])
+def test_cwd_feat_is_cirkds_feature_cwd(student_channels):
+    student, teacher = TinySegNet(channels=student_channels), TinySegNet(channels=10)
+    distiller = losses.Distiller(teacher, {"cwd_feat": 50}, student_channels, 4)
+    align = distiller.cwd_align
+    if student_channels == 10:       # CIRKD aligns only when the channel counts differ
+        assert isinstance(align, nn.Identity)
+    else:
+        assert isinstance(align, nn.Conv2d) and align.kernel_size == (1, 1) and align.bias is None
+        assert {id(p) for p in distiller.student_side_parameters()} == {id(align.weight)}
+    images = torch.randn(2, 3, 32, 32)
+    output = student(images)
+    terms = distiller.terms(student, output, images, torch.zeros(2, 32, 32, dtype=torch.long), 0)
+    expected = cirkd_cwd(output["feat"], teacher(images)["feat"], align)
+    assert terms["cwd_feat"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert "cwd_feat" in losses.TERMS and distiller.weighted_sum(terms).item() == pytest.approx(
+        50 * expected.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,12 +611,96 @@ def test_dilated_class_mask():
     assert dilated[0, 2:6, 2:6].eq(1).all() and dilated.sum() == 16
 
 
+def components(mask):
+    """8-connected components of a 2-D boolean list-of-lists by flood fill: lists of (y, x)."""
+    h, w = len(mask), len(mask[0])
+    seen, found = set(), []
+    for y0 in range(h):
+        for x0 in range(w):
+            if mask[y0][x0] and (y0, x0) not in seen:
+                stack, pixels = [(y0, x0)], []
+                seen.add((y0, x0))
+                while stack:
+                    y, x = stack.pop()
+                    pixels.append((y, x))
+                    for ny in (y - 1, y, y + 1):
+                        for nx in (x - 1, x, x + 1):
+                            if 0 <= ny < h and 0 <= nx < w and mask[ny][nx] and (ny, nx) not in seen:
+                                seen.add((ny, nx))
+                                stack.append((ny, nx))
+                found.append(pixels)
+    return found
+
+
+def official_fgfi_mask(labels, thing, stride, fractions, ratios, psi=0.5):
+    """FGFI's anchor_target_layer mask with bbox_overlaps_batch (twangnh/Distilling-Object-
+    Detectors), restated for one image: boxes in inclusive pixel coordinates, widths + 1, IoU
+    set to 0 for a box whose width and height are both 1 pixel (the padding marker)."""
+    h, w = labels.shape
+    feat_h, feat_w = math.ceil(h / stride), math.ceil(w / stride)
+    anchors = []   # per location: its anchors as inclusive [x1, y1, x2, y2]
+    for i in range(feat_h):
+        for j in range(feat_w):
+            cx, cy = (j + 0.5) * stride, (i + 0.5) * stride
+            anchors.append([(cx - s / math.sqrt(r) / 2, cy - s * math.sqrt(r) / 2,
+                             cx + s / math.sqrt(r) / 2 - 1, cy + s * math.sqrt(r) / 2 - 1)
+                            for s in (f * min(h, w) for f in fractions) for r in ratios])
+    mask = torch.zeros(feat_h * feat_w)
+    for pixels in components((labels == thing).tolist()):
+        ys, xs = [p[0] for p in pixels], [p[1] for p in pixels]
+        gx1, gy1, gx2, gy2 = min(xs), min(ys), max(xs), max(ys)
+        g_area = (gx2 - gx1 + 1) * (gy2 - gy1 + 1)
+
+        def iou(a):
+            iw = max(0.0, min(a[2], gx2) - max(a[0], gx1) + 1)
+            ih = max(0.0, min(a[3], gy2) - max(a[1], gy1) + 1)
+            a_area = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+            return 0.0 if g_area == 1 else iw * ih / (a_area + g_area - iw * ih)
+
+        ious = [[iou(a) for a in location] for location in anchors]
+        threshold = psi * max(max(row) for row in ious)
+        for k, row in enumerate(ious):
+            if any(value > threshold for value in row):
+                mask[k] = 1
+    return mask.view(feat_h, feat_w)
+
+
+def test_imitation_mask_matches_the_official_anchor_rule_on_small_objects():
+    # random rectangles, lines and single pixels of one thing class on a 40x40 map
+    torch.manual_seed(3)
+    fractions, ratios = (1 / 16, 1 / 8, 1 / 4, 1 / 2), (0.5, 1.0, 2.0)
+    for trial in range(6):
+        labels = torch.zeros(40, 40, dtype=torch.long)
+        for _ in range(4):
+            y, x = torch.randint(0, 38, (2,)).tolist()
+            hh, ww = torch.randint(1, 3 + 6 * (trial % 2), (2,)).tolist()
+            labels[y:y + hh, x:x + ww] = 1
+        labels[int(torch.randint(0, 40, ()))][int(torch.randint(0, 40, ()))] = 1   # a dot, maybe alone
+        mask = losses.imitation_mask(labels[None], [1], stride=8, anchor_sizes=fractions,
+                                     aspect_ratios=ratios)[0]
+        assert torch.equal(mask, official_fgfi_mask(labels, 1, 8, fractions, ratios)), trial
+
+
+def test_a_one_pixel_object_gets_no_positive_location_as_in_the_official_code():
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[0, 12, 20] = 1
+    assert losses.imitation_mask(labels, [1], stride=8).sum() == 0
+    labels[0, 13, 20] = 1     # two pixels: an object
+    assert losses.imitation_mask(labels, [1], stride=8).sum() > 0
+
+
 def test_adaptation_layer_initialisation():
-    layer = losses.adaptation_layer(8, 16)
+    layer = losses.adaptation_layer(64, 128)
     conv = layer[0]
-    assert conv.weight.std().item() < 1e-3 and conv.bias.abs().sum() == 0
-    out = layer(torch.randn(2, 8, 5, 5))
-    assert out.shape == (2, 16, 5, 5) and out.min() >= 0
+    # a normal of std 1e-4 truncated at +-2 std: std 1e-4 * sqrt(1 - 2 * 2 phi(2) / (2 Phi(2) - 1))
+    phi = math.exp(-2) / math.sqrt(2 * math.pi)
+    mass = math.erf(2 / math.sqrt(2))
+    truncated_std = 1e-4 * math.sqrt(1 - 4 * phi / mass)       # 0.880e-4
+    assert conv.weight.abs().max().item() <= 2e-4
+    assert conv.weight.std().item() == pytest.approx(truncated_std, rel=0.02)
+    assert conv.bias.abs().sum() == 0                           # zeroed (official: default init)
+    out = layer(torch.randn(2, 64, 5, 5))
+    assert out.shape == (2, 128, 5, 5) and out.min() >= 0
     assert isinstance(losses.adaptation_layer(8, 16, relu=False), nn.Conv2d)
 
 

@@ -44,6 +44,8 @@ RECIPES = {  # name -> (train.py flags, the distillation term that must go down)
     # CWD: with the fixtures' near-chance teacher the term rises and falls with the batch over
     # 20 steps; test_term_goes_down_on_a_fixed_batch checks its descent instead
     "cwd": (["--kd", "cwd=3"], None),
+    # CWD on logits and, through the 1x1 alignment conv trained with the student, on features
+    "cwd_feat": (["--kd", "cwd=3,cwd_feat=50"], None),
 }
 
 
@@ -64,7 +66,7 @@ def test_20_distillation_steps_finite_and_term_decreases(recipe, data_root, teac
 
 # CWD at 30 (official 3): at 3 the term falls only 15% in 20 steps, the CE leading
 @pytest.mark.parametrize("term,weight,mask", [("imitation", 0.01, "anchor"), ("imitation", 0.01, "dilated"),
-                                              ("cwd", 30, "anchor")])
+                                              ("cwd", 30, "anchor"), ("cwd_feat", 50, "anchor")])
 def test_term_goes_down_on_a_fixed_batch(term, weight, mask, data_root, teacher_checkpoint):
     """Optimising the distillation terms whose 20-step logs are too noisy to show descent."""
     import datasets
