@@ -504,6 +504,32 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return image, label
 
 
+def check_files(dataset):
+    """Before a long run, every image opens and every label is a class-index PNG of its image's
+    size, from the file headers only (PIL reads the size and mode without decoding the pixels):
+    a broken file then fails at once, not hours later in the final evaluation. `dataset`: a
+    SegmentationFolder or ConcatSegmentation."""
+    for image_path, label_path in zip(dataset.image_paths, dataset.label_paths):
+        try:
+            with Image.open(image_path) as image:
+                size = image.size
+        except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"cannot read image {image_path}: {error}") from None
+        if label_path is None:
+            continue
+        try:
+            with Image.open(label_path) as label:
+                label_mode, label_size = label.mode, label.size
+        except (OSError, SyntaxError) as error:
+            raise ValueError(f"cannot read label {label_path}: {error}") from None
+        if label_mode not in ("P", "L"):
+            raise ValueError(f"label {label_path} has mode {label_mode}; expected a single-channel "
+                             f"class-index PNG (mode P or L), not a colour visualisation")
+        if label_size != size:
+            raise ValueError(f"image {image_path} is {size[0]}x{size[1]} but label {label_path} "
+                             f"is {label_size[0]}x{label_size[1]}")
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. On-disk layouts (DATASETS.md). Each returns (image_paths, label_paths, lut).
 

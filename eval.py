@@ -23,8 +23,10 @@ turning it into NaN.
 `--save-pred DIR` writes, per image, `DIR/<name>.png` (palette PNG of class ids, 255 where the
 confidence is below `--threshold`), `DIR/confidence/<name>.png` (max softmax probability x 255)
 and `DIR/color/<name>.png` (a coloured picture). The same files are the pseudo labels that
-`train.py --pseudo-labels DIR` reads. Every file is written atomically and a rerun skips the
-images already done, so an interrupted labelling run resumes without redoing or corrupting.
+`train.py --pseudo-labels DIR` reads. Every file is written atomically and a rerun with the
+same weights (their SHA-256, not the checkpoint's path) and options skips the images already
+done, so an interrupted labelling run resumes without redoing, corrupting or mixing models.
+While a folder is written, `DIR.lock` beside it holds the writer's pid (lock_output_dir).
 
 `--submission DIR` writes what the dataset's official evaluation reads as it is: one PNG per
 image, `DIR/<image name>.png`, in one flat folder (beside kd-seg's `kd_seg_run.json` marker,
@@ -35,8 +37,12 @@ matches with `<city>_<seq>_<frame>*.png`), ADE20K ids 1..150 (mode L), VOC ids 0
 PNGs, as the VOC devkit). Atomic and resumable as `--save-pred`.
 """
 import argparse
+import contextlib
+import hashlib
 import json
+import math
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -117,22 +123,56 @@ def format_eta(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
-    """Rebuild the model saved by train.py; clear errors for a wrong file, model or class count."""
+def check_device(name):
+    """`name` as a torch.device, refused in one line when it is no device or not on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: unknown device '{name}'; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
+                         "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_checkpoint_dict(path):
+    """The plain dict of a train.py checkpoint, read with `weights_only=True`: tensors, containers,
+    numbers and strings only. A pickle can hold any object, and unpickling an object runs its
+    `__reduce__`, so a downloaded file could otherwise run code; anything else (such an object, a
+    truncated or random file, a bare state_dict) is refused in one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        args = ckpt["args"]
-        name, num_classes = args["model"], args["num_classes"]
-    except Exception as e:  # truncated file, not a kd-seg checkpoint, ...
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message: "... unsupported GLOBAL posix.system ..."
+        if "GLOBAL" in str(e):
+            raise ValueError(f"{path}: refused: it holds Python objects besides tensors, containers, "
+                             "numbers and strings, and loading them could run code") from None
+        raise ValueError(f"{path}: not a kd-seg checkpoint (UnpicklingError)") from None
+    except Exception as e:  # truncated file, not a torch file, ...
         raise ValueError(f"{path}: not a kd-seg checkpoint ({type(e).__name__})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("args"), dict) and {"model", "num_classes"} <= set(ckpt["args"])):
+        raise ValueError(f"{path}: not a kd-seg checkpoint (expected train.py's dict with 'model' "
+                         "and 'args', e.g. not a bare state_dict)")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
+    """Rebuild the model saved by train.py; clear errors for a wrong file, model or class count."""
+    ckpt = load_checkpoint_dict(path)
+    args = ckpt["args"]
+    name, num_classes = args["model"], args["num_classes"]
     if expect_model and expect_model != name:
         raise ValueError(f"{path}: checkpoint holds model {name}, expected {expect_model}")
     if expect_classes and expect_classes != num_classes:
         raise ValueError(f"{path}: checkpoint has {num_classes} classes, the dataset has "
                          f"{expect_classes}")
+    if name not in models.MODEL_NAMES:
+        raise ValueError(f"{path}: checkpoint holds unknown model {name!r}")
     model = models.build_model(name, num_classes, output_stride=args.get("output_stride", 8),
                                aux=args.get("aux_weight", 0) > 0)
     try:
@@ -141,6 +181,29 @@ def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
         detail = (str(e).splitlines() + [""])[1].strip()
         raise ValueError(f"{path}: weights do not fit {name} ({detail})") from None
     return model.to(device).eval(), ckpt
+
+
+def weights_digest(model):
+    """SHA-256 of a model's tensors (names, dtypes, shapes, values): what ties a folder of
+    predictions to the weights that made them, whatever file or path the weights came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # the raw bytes
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def check_finite_outputs(model, images, source, autocast=nullcontext()):
+    """Stop before any work when `model` (from `source`, a checkpoint path) outputs NaN or inf on
+    `images`: weights holding NaN/inf make every distillation step non-finite and every pseudo
+    label class 0, without another sign."""
+    with autocast:
+        logits = model(images)["out"]
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{source}: the model's outputs on the first batch are not finite "
+                         "(NaN or inf in its weights?)")
 
 
 def logits_full(model, x, window=None):
@@ -152,8 +215,8 @@ def logits_full(model, x, window=None):
                              align_corners=False)
     (height, width), (wh, ww) = x.shape[-2:], (min(window[0], x.shape[-2]), min(window[1], x.shape[-1]))
     total = count = 0
-    for top in sorted({*range(0, height - wh, wh * 2 // 3), height - wh}):
-        for left in sorted({*range(0, width - ww, ww * 2 // 3), width - ww}):
+    for top in sorted({*range(0, height - wh, max(1, wh * 2 // 3)), height - wh}):
+        for left in sorted({*range(0, width - ww, max(1, ww * 2 // 3)), width - ww}):
             logits = logits_full(model, x[..., top:top + wh, left:left + ww])
             total = total + F.pad(logits, (left, width - left - ww, top, height - top - wh))
             count = count + F.pad(torch.ones_like(logits[:, :1]), (left, width - left - ww, top, height - top - wh))
@@ -248,12 +311,77 @@ def count_params(model):
                if not name.startswith("aux_head."))
 
 
-# ----------------------------------------------------------------------------- PNG outputs
+# ----------------------------------------------------------------------------- output folders, PNGs
+_HELD_LOCKS = set()  # the locks this process holds: its own pid in a lock it does not hold is stale
+
+
+@contextlib.contextmanager
+def lock_output_dir(out_dir):
+    """Hold the lock of the folder `out_dir` while writing it: `<out_dir>.lock`, beside the folder
+    (so that its "empty or ours" checks never see the lock), holds the writer's pid. A second
+    writer is refused in one line naming the folder and that pid; a lock whose process no longer
+    runs (kill -9 leaves it behind) is taken over. Released on every exit, error or Ctrl-C.
+
+        with evaluation.lock_output_dir(args.out):
+            ...  # check the folder, then write into it
+
+    Two processes taking over the same stale lock in the very same instant could both win: it
+    guards against a second command, not against a race of microseconds."""
+    out_dir = Path(out_dir).resolve()
+    lock = out_dir.with_name(out_dir.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one creator wins
+            break
+        except FileExistsError:
+            pid = live_lock_owner(lock)
+            if pid is not None:
+                raise ValueError(f"{out_dir}: folder is being written by process {pid}; wait for it "
+                                 f"to end (or delete {lock} if that process is not kd-seg)") from None
+            lock.unlink(missing_ok=True)  # stale: its writer was killed
+    with os.fdopen(handle, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    _HELD_LOCKS.add(lock)
+    try:
+        yield out_dir
+    finally:
+        _HELD_LOCKS.discard(lock)
+        lock.unlink(missing_ok=True)
+
+
+def live_lock_owner(lock):
+    """The pid written in `lock` if that process still runs, else None (a stale lock)."""
+    for _ in range(20):  # a new lock is empty for the instant between its creation and its write
+        try:
+            text = Path(lock).read_text().strip()
+        except FileNotFoundError:
+            return None
+        if text:
+            break
+        time.sleep(0.05)
+    try:
+        pid = int(text)
+    except ValueError:
+        return None
+    if pid == os.getpid():  # ours only if we hold it (pids are reused, e.g. in a new container)
+        return pid if Path(lock) in _HELD_LOCKS else None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it runs, as another user
+    return pid
+
+
 def claim_output_dir(out_dir, owner):
     """A run never overwrites results it did not produce: `out_dir` must be new, empty, or
     carry our marker with the same `owner` dict (then we resume)."""
     out_dir = Path(out_dir)
     marker = out_dir / "kd_seg_run.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file, not a folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not marker.exists():
             raise ValueError(f"{out_dir}: folder holds files kd-seg did not write; "
@@ -263,43 +391,46 @@ def claim_output_dir(out_dir, owner):
                              "choose a new output folder")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(owner, indent=1))
-    os.replace(tmp, marker)
+    write_text_atomic(marker, json.dumps(owner, indent=1))
 
 
 def save_predictions(model, dataset, out_dir, device, amp="off", threshold=0.0, scales=(1.0,),
                      flip=False, owner=None, log_every=50):
     """Write palette, confidence and colour PNGs for every image of `dataset` (see module doc).
-    Resumable: images whose label PNG exists are skipped (files appear atomically, label last)."""
+    Resumable: images whose label PNG exists are skipped (files appear atomically, label last).
+    `owner` (a dict, e.g. with `weights_digest(model)`) must match the folder's to resume it;
+    the folder is locked while written (lock_output_dir)."""
     out_dir = Path(out_dir)
-    claim_output_dir(out_dir, owner or {})
-    names = output_names(dataset)
-    todo = [i for i, name in enumerate(names) if not (out_dir / f"{name}.png").exists()]
-    print(f"predictions: {len(names) - len(todo)} of {len(names)} already done, writing {len(todo)}"
-          f" to {out_dir}")
-    autocast, _ = autocast_context(device, amp)
-    model.eval()
-    start = time.perf_counter()
-    for count, i in enumerate(todo, 1):
-        image, _ = dataset[i]
-        with autocast:
-            probs = predict(model, image[None].to(device), image.shape[-2:], scales, flip)[0]
-        confidence, label = probs.max(0)
-        label[confidence < threshold] = 255
-        name = names[i]
-        for sub in ("confidence", "color"):
-            (out_dir / sub / name).parent.mkdir(parents=True, exist_ok=True)
-        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        label = label.cpu().numpy().astype(np.uint8)
-        datasets.save_confidence_png(out_dir / "confidence" / f"{name}.png",
-                                     confidence.cpu().numpy())
-        save_image_atomic(datasets.colorize(label, dataset.palette), out_dir / "color" / f"{name}.png")
-        datasets.save_label_png(out_dir / f"{name}.png", label, dataset.palette)  # last: "done"
-        if count % log_every == 0 or count == len(todo):
-            elapsed = time.perf_counter() - start
-            print(f"predict {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
-                  f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
+    with lock_output_dir(out_dir):
+        claim_output_dir(out_dir, owner or {})
+        for orphan in out_dir.rglob("*.tmp"):  # a kill between a write and its rename
+            orphan.unlink()
+        names = output_names(dataset)
+        todo = [i for i, name in enumerate(names) if not (out_dir / f"{name}.png").exists()]
+        print(f"predictions: {len(names) - len(todo)} of {len(names)} already done, writing {len(todo)}"
+              f" to {out_dir}")
+        autocast, _ = autocast_context(device, amp)
+        model.eval()
+        start = time.perf_counter()
+        for count, i in enumerate(todo, 1):
+            image, _ = dataset[i]
+            with autocast:
+                probs = predict(model, image[None].to(device), image.shape[-2:], scales, flip)[0]
+            confidence, label = probs.max(0)
+            label[confidence < threshold] = 255
+            name = names[i]
+            for sub in ("confidence", "color"):
+                (out_dir / sub / name).parent.mkdir(parents=True, exist_ok=True)
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            label = label.cpu().numpy().astype(np.uint8)
+            datasets.save_confidence_png(out_dir / "confidence" / f"{name}.png",
+                                         confidence.cpu().numpy())
+            save_image_atomic(datasets.colorize(label, dataset.palette), out_dir / "color" / f"{name}.png")
+            datasets.save_label_png(out_dir / f"{name}.png", label, dataset.palette)  # last: "done"
+            if count % log_every == 0 or count == len(todo):
+                elapsed = time.perf_counter() - start
+                print(f"predict {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
+                      f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
 
 
 def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", scales=(1.0,),
@@ -317,33 +448,34 @@ def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", sc
         duplicate = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"--submission: two images would both be written as {duplicate}")
     out_dir = Path(out_dir)
-    claim_output_dir(out_dir, owner or {})
-    allowed = {*names, "kd_seg_run.json"}
-    foreign = sorted(f.name for f in out_dir.iterdir() if f.name not in allowed
-                     and not (f.name.startswith(".") and f.name.endswith(".tmp")))
-    if foreign:  # the official scripts would read it too (cityscapesscripts: multiple predictions)
-        raise ValueError(f"{out_dir}: holds {foreign[0]}, which is no file of this submission; "
-                         "choose a new output folder")
-    todo = [i for i, name in enumerate(names) if not (out_dir / name).exists()]
-    print(f"submission: {len(names) - len(todo)} of {len(names)} already done, writing {len(todo)} "
-          f"to {out_dir}")
-    autocast, _ = autocast_context(device, amp)
-    model.eval()
-    start = time.perf_counter()
-    for count, i in enumerate(todo, 1):
-        image, _ = dataset[i]
-        with autocast:
-            probs = predict(model, image[None].to(device), image.shape[-2:], scales, flip,
-                            window)[0]
-        ids = official_ids[probs.argmax(0).cpu().numpy()]
-        # VOC's devkit reads palette PNGs; Cityscapes and ADE20K single-channel (mode L) ids
-        picture = (datasets.label_to_pil(ids, datasets.voc_palette(256)) if dataset_name == "voc"
-                   else Image.fromarray(ids))
-        save_image_atomic(picture, out_dir / names[i])
-        if count % log_every == 0 or count == len(todo):
-            elapsed = time.perf_counter() - start
-            print(f"submission {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
-                  f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
+    with lock_output_dir(out_dir):  # one writer at a time (see save_predictions)
+        claim_output_dir(out_dir, owner or {})
+        allowed = {*names, "kd_seg_run.json"}
+        foreign = sorted(f.name for f in out_dir.iterdir() if f.name not in allowed
+                         and not (f.name.startswith(".") and f.name.endswith(".tmp")))
+        if foreign:  # the official scripts would read it too (cityscapesscripts: multiple predictions)
+            raise ValueError(f"{out_dir}: holds {foreign[0]}, which is no file of this submission; "
+                             "choose a new output folder")
+        todo = [i for i, name in enumerate(names) if not (out_dir / name).exists()]
+        print(f"submission: {len(names) - len(todo)} of {len(names)} already done, writing {len(todo)} "
+              f"to {out_dir}")
+        autocast, _ = autocast_context(device, amp)
+        model.eval()
+        start = time.perf_counter()
+        for count, i in enumerate(todo, 1):
+            image, _ = dataset[i]
+            with autocast:
+                probs = predict(model, image[None].to(device), image.shape[-2:], scales, flip,
+                                window)[0]
+            ids = official_ids[probs.argmax(0).cpu().numpy()]
+            # VOC's devkit reads palette PNGs; Cityscapes and ADE20K single-channel (mode L) ids
+            picture = (datasets.label_to_pil(ids, datasets.voc_palette(256)) if dataset_name == "voc"
+                       else Image.fromarray(ids))
+            save_image_atomic(picture, out_dir / names[i])
+            if count % log_every == 0 or count == len(todo):
+                elapsed = time.perf_counter() - start
+                print(f"submission {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
+                      f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
 
 
 def output_names(dataset):
@@ -356,8 +488,24 @@ def output_names(dataset):
 def save_image_atomic(image, path):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written temporary file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text):
+    """`path` holds `text` in full or is unchanged (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -414,7 +562,8 @@ def get_args_parser():
     p.add_argument("--num-classes", type=int, help="class count for --model without checkpoint")
     p.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
     p.add_argument("--data-root", help="dataset root folder")
-    p.add_argument("--split", default="val", help="split to evaluate")
+    p.add_argument("--split", help="split to evaluate (default: val; with --dataset folder: the "
+                                   "--data-root folder itself)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16)")
@@ -440,11 +589,40 @@ def get_args_parser():
     return p
 
 
+def check_number(option, value, low=0, high=math.inf, low_open=False, high_open=False):
+    """Refuse in one line naming `option` a value that is NaN, infinite or outside [low, high]
+    (open ends where asked). `value <= 0` alone would let NaN through: every comparison with NaN
+    is False, and --lr nan trains NaN weights."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not math.isfinite(value):
+        raise ValueError(f"{option} must be a finite number, got {value}")
+    if not (above and below):
+        if high == math.inf:
+            expected = ("positive" if low == 0 else f"> {low}") if low_open else \
+                ("non-negative" if low == 0 else f">= {low}")
+        else:
+            expected = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{option} must be {expected}, got {value}")
+
+
 def check_args(args):
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if not 0 <= args.threshold <= 1:
-        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    check_number("--batch-size", args.batch_size, low_open=True)
+    check_number("--threshold", args.threshold, 0, 1)
+    check_number("--workers", args.workers)
+    for scale in args.scales:
+        check_number("--scales", scale, low_open=True)
+    for size in args.fps_size:
+        check_number("--fps-size", size, low_open=True)
+    for size in args.window or []:
+        check_number("--window", size, low_open=True)
+    check_number("--fps-iters", args.fps_iters, low_open=True)
+    check_number("--fps-seconds", args.fps_seconds)
+    if args.threads is not None:
+        check_number("--threads", args.threads, low_open=True)
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json}: is a folder; expected a file name")
+    check_device(args.device)
     if args.checkpoint is None and args.model is None:
         raise ValueError("give --checkpoint (or --model with --num-classes for FPS only)")
     if args.checkpoint is None and (args.num_classes is None or args.num_classes < 1):
@@ -458,6 +636,8 @@ def check_args(args):
 
 def main(args):
     check_args(args)
+    if args.split is None:
+        args.split = "" if args.dataset == "folder" else "val"
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
@@ -476,15 +656,20 @@ def main(args):
         if ckpt and dataset.num_classes != model.num_classes:
             raise ValueError(f"{args.checkpoint}: checkpoint has {model.num_classes} classes, its "
                              f"dataset {ckpt['args']['dataset']} has {dataset.num_classes}")
+    if dataset is not None:  # before any work: an empty split, a broken file, NaN weights
+        if len(dataset) == 0:
+            raise ValueError(f"--split '{args.split}' of {args.data_root} holds no images")
+        datasets.check_files(dataset)
+        check_finite_outputs(model, dataset[0][0][None].to(args.device),
+                             args.checkpoint or f"--model {args.model}")
     if dataset is not None and args.save_pred:
-        owner = {"checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                 "threshold": args.threshold, "scales": args.scales, "flip": args.flip,
-                 "images": str(Path(args.data_root).resolve()), "split": args.split}
+        # tied to the weights, not to the checkpoint's path: another model's labels never mix in
+        owner = {"weights": weights_digest(model), "threshold": args.threshold, "scales": args.scales,
+                 "flip": args.flip, "images": str(Path(args.data_root).resolve()), "split": args.split}
         save_predictions(model, dataset, args.save_pred, args.device, args.amp, args.threshold,
                          args.scales, args.flip, owner)
     if dataset is not None and args.submission:
-        owner = {"submission": args.dataset, "checkpoint": str(Path(args.checkpoint).resolve())
-                 if args.checkpoint else None, "scales": args.scales, "flip": args.flip,
+        owner = {"submission": args.dataset, "weights": weights_digest(model), "scales": args.scales, "flip": args.flip,
                  "window": args.window, "images": str(Path(args.data_root).resolve()),
                  "split": args.split}
         save_submission(model, dataset, args.dataset, args.submission, args.device, args.amp,
@@ -510,15 +695,38 @@ def main(args):
               f"iters) | {f['device']} | {f['dtype']} | torch {f['torch']} | upsample+argmax "
               f"included")
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(results, indent=1))
     return results
 
 
-if __name__ == "__main__":
+def one_line(error):
+    """The message of an error as one line: a DataLoader worker's error arrives with the worker's
+    whole traceback in its message (its last line is the error); an OSError is path: reason."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    text = str(error).strip()
+    line = text.splitlines()[-1] if text else type(error).__name__
+    return line.split(": ", 1)[1] if line.startswith(("ValueError: ", "FileNotFoundError: ")) else line
+
+
+def report_errors(function, *args, **kwargs):
+    """Run `function(*args, **kwargs)` as a command: returns the exit code, 0, or 2 after one
+    line `error: ...` on stderr, never a traceback, for bad input (ValueError,
+    FileNotFoundError), a full or read-only disk (OSError) and too little memory.
+
+        sys.exit(evaluation.report_errors(main, args))
+    """
     try:
-        main(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        function(*args, **kwargs)
+        return 0
+    except (MemoryError, torch.OutOfMemoryError):  # CUDA's is a RuntimeError: caught first
+        message = ("out of memory: try a smaller --batch-size (train.py: with --accumulate K to keep "
+                   "the effective batch)")
+    except (ValueError, OSError) as e:
+        message = one_line(e)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(report_errors(main, get_args_parser().parse_args()))

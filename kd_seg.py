@@ -490,8 +490,7 @@ def run_job(script, argv, log_path, threads):
 
 
 def finished_step(run_dir):
-    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    return state["step"]
+    return evaluation.load_checkpoint_dict(Path(run_dir) / "checkpoint.pt")["step"]   # weights_only
 
 
 def run_all(jobs, workers, threads, out):
@@ -518,7 +517,7 @@ def run_all(jobs, workers, threads, out):
                 except Exception as error:
                     for other in running:
                         other.cancel()
-                    raise ValueError(f"job '{name}' failed: {train.one_line(error)} (log: {log})") from None
+                    raise ValueError(f"job '{name}' failed: {evaluation.one_line(error)} (log: {log})") from None
                 elapsed = time.perf_counter() - start
                 eta = elapsed / len(results) * (len(jobs) - len(results))
                 print(f"{len(results)}/{len(jobs)} | {name} done | elapsed {evaluation.format_eta(elapsed)} "
@@ -652,10 +651,19 @@ def run(args):
         return None
     if not demo and not Path(data_root).is_dir():
         raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of DATASETS.md)")
+    jobs, run_dirs, teachers, pre_steps = plan(setting, args, out, data_root)   # may fail: before any write
+    with evaluation.lock_output_dir(out):   # one kd_seg.py per output folder
+        return execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps,
+                       cpu_scale, jobs_at_once, threads)
+
+
+def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, cpu_scale, jobs_at_once,
+            threads):
+    """Run a planned setting (see `run`) and write its table and report."""
+    name, dataset, demo = setting["name"], setting["dataset"], setting["name"] == "demo"
     start = time.perf_counter()
     command = " ".join(["python", "kd_seg.py", *sys.argv[1:]])
     # a rerun reuses finished trainings, so it must be the same schedule on the same data
-    jobs, run_dirs, teachers, pre_steps = plan(setting, args, out, data_root)   # may fail: before any write
     evaluation.claim_output_dir(out, {"setting": name, "dataset": dataset, "data_root": str(data_root),
                                       "iters": setting["iters"], "teacher_iters": setting["teacher_iters"]})
     if demo:   # no-op when already complete; --quick makes a small copy that fits its minute
@@ -880,8 +888,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(evaluation.report_errors(main))

@@ -19,15 +19,20 @@ The schedule is counted in iterations (SGD, poly learning rate stepped every ite
 CUDA it trains under AMP (bf16 where supported, else fp16 with a GradScaler). Every
 `--eval-every` iterations it validates and appends a line to `<out>/metrics.jsonl`; the
 checkpoint (`<out>/checkpoint.pt`: model, optimizer, scheduler, scaler, step, RNG states and
-args as one plain dict) is written atomically, so an interrupted run resumes exactly: the data
-order and every augmentation are a function of (seed, step), not of the process.
+args as one plain dict of tensors, numbers and strings, loaded with weights_only=True) is written
+atomically, so an interrupted run resumes exactly: the data order and every augmentation are a
+function of (seed, step), not of the process. While a run writes `<out>`, `<out>.lock` beside it
+holds its pid; a second writer is refused. A run whose losses keep turning non-finite stops
+unfinished (exit 2) rather than saving garbage as a result.
 """
 import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -129,10 +134,15 @@ def parse_kd(spec):
     weights = {}
     for item in filter(None, spec.split(",")):
         name, _, value = item.partition("=")
+        name = name.strip()
         try:
-            weights[name.strip()] = float(value)
+            weight = float(value)
         except ValueError:
             raise ValueError(f"--kd: expected term=weight, got '{item}'") from None
+        if name in weights:
+            raise ValueError(f"--kd: term '{name}' is given twice")
+        evaluation.check_number(f"--kd {name}", weight)  # NaN/inf would skip every step
+        weights[name] = weight
     unknown = set(weights) - set(losses.TERMS)
     if unknown:
         raise ValueError(f"--kd: unknown term(s) {sorted(unknown)}; known: {', '.join(losses.TERMS)}")
@@ -140,13 +150,34 @@ def parse_kd(spec):
 
 
 def check_args(args):
-    for name in ("iters", "batch_size", "accumulate", "log_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    """Every option checked before any work: one line naming the first bad one."""
+    check = evaluation.check_number
+    for name in ("iters", "batch_size", "accumulate", "log_every", "checkpoint_every", "d_width",
+                 "unlabeled_batch_size", "pairwise_kernel"):
+        if getattr(args, name) is not None:
+            check(f"--{name.replace('_', '-')}", getattr(args, name), low_open=True)
+    for name in ("crop_size", "small_crop"):
+        for size in getattr(args, name):
+            check(f"--{name.replace('_', '-')}", size, low_open=True)
+    for name in ("workers", "eval_every", "imitation_warmup"):
+        check(f"--{name.replace('_', '-')}", getattr(args, name))
+    check("--seed", args.seed, 0, 2 ** 32 - 1)  # numpy's seed range
+    for name in ("lr", "d_lr", "tau", "cwd_tau"):
+        check(f"--{name.replace('_', '-')}", getattr(args, name), low_open=True)
+    for name in ("weight_decay", "poly_power", "aux_weight", "lambda_gp"):
+        check(f"--{name.replace('_', '-')}", getattr(args, name))
+    check("--momentum", args.momentum, 0, 1)
+    check("--ohem", args.ohem, 0, 1)
+    check("--pairwise-scale", args.pairwise_scale, 0, 1, low_open=True)
+    check("--centroid-sampling", args.centroid_sampling, 0, 1)
+    check("--coarse2fine", args.coarse2fine, 0, 1, high_open=True)
+    for scale in args.scale_range:
+        check("--scale-range", scale, low_open=True)
+    if args.scale_range[0] > args.scale_range[1]:
+        raise ValueError(f"--scale-range: MIN {args.scale_range[0]} is above MAX {args.scale_range[1]}")
+    evaluation.check_device(args.device)
     if args.sync_bn and not args.device.startswith("cuda"):
         raise ValueError("--sync-bn needs --device cuda (torch's SyncBatchNorm has no CPU kernel)")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.model not in models.MODEL_NAMES:
         raise ValueError(f"--model: unknown model '{args.model}'; known: {', '.join(models.MODEL_NAMES)}")
     weights = parse_kd(args.kd)
@@ -159,8 +190,6 @@ def check_args(args):
         raise ValueError("MGD terms need --wide-teacher-checkpoint (T_W) besides --teacher-checkpoint (T_D)")
     if args.pseudo_labels and not args.unlabeled_root:
         raise ValueError("--pseudo-labels needs --unlabeled-root (the images they label)")
-    if not 0 <= args.centroid_sampling <= 1 or not 0 <= args.coarse2fine < 1:
-        raise ValueError("--centroid-sampling must be in [0, 1] and --coarse2fine in [0, 1)")
     return weights
 
 
@@ -179,6 +208,8 @@ class SeededSampler(torch.utils.data.Sampler):
         epoch, offset = 0, position
         while True:
             order = self.indices_for_epoch(epoch)
+            if not order:  # else this loop would look for a first sample forever
+                raise ValueError("SeededSampler: the dataset is empty")
             if offset >= len(order):
                 offset -= len(order)
                 epoch += 1
@@ -280,20 +311,36 @@ def setup_distributed(args):
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, state):
+    """Write `state` atomically: an interruption leaves the previous checkpoint intact, and a
+    failed write (a full or read-only disk) leaves no temporary file behind."""
     tmp = Path(path).with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interruption leaves the previous checkpoint intact
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # a full disk: "unexpected pos 704 vs 598"
+            raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); "
+                          "is the disk full or read-only?") from None
+        raise
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every random generator's state as tensors, lists and numbers only, so that the checkpoint
+    loads with weights_only=True (numpy's state holds an ndarray, python's a tuple)."""
+    numpy_state = np.random.get_state(legacy=False)  # a new dict: {"state": {"key", "pos"}, ...}
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "numpy": numpy_state,
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    key = state["numpy"]["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**state["numpy"], "state": {**state["numpy"]["state"], "key": key}})
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -303,6 +350,8 @@ def prepare_out_dir(args):
     """Refuse to overwrite a run we did not start. Returns the checkpoint to resume, or None."""
     out = Path(args.out)
     ckpt = out / "checkpoint.pt"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
     if args.resume:
         if not ckpt.is_file():
             raise FileNotFoundError(f"{ckpt}: nothing to resume")
@@ -313,39 +362,99 @@ def prepare_out_dir(args):
     return None
 
 
-def resumed_args(args):
-    """--resume continues with the arguments the run was started with (only --out, --stop-at
-    and --iters, to lengthen a finished run, come from the command line)."""
-    saved = torch.load(Path(args.out) / "checkpoint.pt", map_location="cpu", weights_only=False)["args"]
+def given_options(argv):
+    """The options named on the command line `argv` (argparse fills in every default, so a
+    given `--iters 600` looks like the default 600 after parsing): dests, e.g. {'iters', 'out'}."""
+    parser, not_given = get_args_parser(), object()
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), not_given))
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not not_given}
+
+
+# where the run is computed, not what: a resumed run may move to another device or loader
+RESUME_MAY_CHANGE = {"out", "resume", "stop_at", "iters", "device", "workers"}
+
+
+def resumed_args(args, given=None):
+    """--resume continues with the arguments the run was started with. From the command line come
+    --out, --iters (to lengthen a finished run), --device and --workers; any other option given
+    with a value other than the saved one is refused in one line naming it. `given`: the options
+    on the command line (given_options); None (a call from Python): those that differ from the
+    defaults."""
+    saved = evaluation.load_checkpoint_dict(Path(args.out) / "checkpoint.pt")["args"]
+    if given is None:
+        defaults = vars(get_args_parser().parse_args([]))
+        given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    differ = sorted(k for k in given - RESUME_MAY_CHANGE if saved.get(k) != getattr(args, k))
+    if differ:
+        raise ValueError("--resume continues the saved run; these options differ from it: "
+                         + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (saved {saved.get(k)})"
+                                     for k in differ) + "; start a new --out to change them")
     merged = {**saved, "resume": True, "out": args.out, "stop_at": args.stop_at}
-    if args.iters != get_args_parser().get_default("iters"):
-        merged["iters"] = args.iters
+    merged.update({k: getattr(args, k) for k in given & {"iters", "device", "workers"}})
     return argparse.Namespace(**merged)
 
 
+def keep_entries_until(path, step):
+    """After a resume from `step`: drop the lines of a .jsonl log past it (written after the
+    checkpoint, by the interrupted process) and a line torn by the interruption."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iter"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    evaluation.write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 # ----------------------------------------------------------------------------- the loop
-def train(args):
-    """Train per `args`; returns the final validation metrics (see eval.ConfusionMatrix)."""
-    resume_from = prepare_out_dir(args)
-    if resume_from is not None:
-        args = resumed_args(args)
-    weights = check_args(args)
-    rank, world = setup_distributed(args)
-    out = Path(args.out)
-    created = not out.exists()
-    try:
-        metrics = run(args, weights, rank, world, resume_from)
-    except BaseException:
-        # nothing half written: a run that fails before its first checkpoint leaves no folder
-        if rank == 0 and created and out.exists() and not (out / "checkpoint.pt").exists():
-            for f in out.iterdir():
-                f.unlink()
-            out.rmdir()
-        raise
+def train(args, given=None):
+    """Train per `args`; returns the final validation metrics (see eval.ConfusionMatrix).
+    `given`: the options named on the command line (given_options), for --resume."""
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
+    with evaluation.lock_output_dir(args.out) if rank0 else nullcontext():
+        resume_from = prepare_out_dir(args)
+        if resume_from is not None:
+            args = resumed_args(args, given)
+        weights = check_args(args)
+        rank, world = setup_distributed(args)
+        out = Path(args.out)
+        created = not out.exists()
+        try:
+            metrics = run(args, weights, rank, world, resume_from)
+        except BaseException:
+            # a failed run removes what it wrote: a new run that failed before its first
+            # checkpoint leaves no folder (or the empty folder the user made); a checkpoint is kept
+            # to resume from, and a finished one whatever came after it
+            if rank == 0 and resume_from is None and out.is_dir() and not (out / "checkpoint.pt").exists():
+                for path in out.iterdir():
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                if created:
+                    out.rmdir()
+            raise
     if world > 1:  # shut down together: exiting with the group alive lets gloo abort (SIGABRT)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
+
+
+# a run stops, unfinished, when its non-finite steps are more than an occasional event
+MAX_NONFINITE_IN_A_ROW, MAX_NONFINITE_FRACTION, MIN_STEPS_FOR_FRACTION = 20, 0.05, 50
+
+
+def check_divergence(skipped, in_a_row, done, iters):
+    """Raise when 20 steps in a row, or more than 5% of the steps (judged from step 50 on, and at
+    the last step of a shorter run), had a non-finite loss: the run never reports or saves
+    garbage as finished (its last checkpoint stays at an earlier step)."""
+    too_many = skipped > MAX_NONFINITE_FRACTION * done and (done >= MIN_STEPS_FOR_FRACTION or done == iters)
+    if in_a_row >= MAX_NONFINITE_IN_A_ROW or too_many:
+        raise ValueError(f"stopped at iteration {done}: {skipped} of {done} steps had a non-finite loss "
+                         f"({in_a_row} in a row); lower --lr, or check the --kd weights and the teacher")
 
 
 def run(args, weights, rank, world, resume_from):
@@ -361,6 +470,15 @@ def run(args, weights, rank, world, resume_from):
     val_set = datasets.build_dataset(args.dataset, args.data_root, args.val_split) if args.val_split else None
     train_set = build_train_set(args, args.crop_size)
     args.num_classes = (train_set if val_set is None else val_set).num_classes
+    # what can fail later fails now: an empty split (the sampler would wait for a first sample
+    # forever, the final mIoU would be 0), a broken file (file headers only: no decoding)
+    for option, split, dataset in (("--train-split", args.train_split, train_set),
+                                   ("--val-split", args.val_split, val_set)):
+        if dataset is None:   # --val-split '': no validation
+            continue
+        if len(dataset) == 0:
+            raise ValueError(f"{option} '{split}' of {args.data_root} holds no images")
+        datasets.check_files(dataset)
 
     student = models.build_model(args.model, args.num_classes, args.output_stride,
                                  args.pretrained, aux=args.aux_weight > 0).to(device)
@@ -406,9 +524,12 @@ def run(args, weights, rank, world, resume_from):
     # a GradScaler only for fp16: bf16 has float32's range and needs no loss scaling
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_step = 0
+    start_step = skipped = 0
     if resume_from is not None:
-        ckpt = torch.load(resume_from, map_location="cpu", weights_only=False)
+        ckpt = evaluation.load_checkpoint_dict(resume_from)
+        missing = {"optimizer", "scheduler", "scaler", "rng", "step"} - set(ckpt)
+        if missing:
+            raise ValueError(f"{resume_from}: cannot resume: the checkpoint has no {sorted(missing)}")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -419,8 +540,14 @@ def run(args, weights, rank, world, resume_from):
             d_optimizer.load_state_dict(ckpt["d_optimizer"])
             d_scheduler.load_state_dict(ckpt["d_scheduler"])
         set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
-        if rank == 0:
+        start_step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+        if start_step > args.iters:
+            raise ValueError(f"--iters {args.iters}: {resume_from} is already at iteration {start_step}")
+        if rank == 0:  # no iteration twice in the logs; a finished run evaluates again (its final
+            # evaluation may have failed), so its final line goes too
+            keep_entries_until(Path(args.out) / "log.jsonl", start_step)
+            keep_entries_until(Path(args.out) / "metrics.jsonl",
+                               start_step - 1 if start_step == args.iters else start_step)
             print(f"resumed {resume_from} at iteration {start_step}")
 
     small_crop_until = int(args.coarse2fine * args.iters)
@@ -437,6 +564,7 @@ def run(args, weights, rank, world, resume_from):
                                                crop_size=tuple(args.crop_size),
                                                scale_range=tuple(args.scale_range))
         unlabeled_set = unlabeled_subset(unlabeled_set, args)
+        datasets.check_files(unlabeled_set)
         u_batch = (args.unlabeled_batch_size or args.batch_size) * (2 if distiller.mixes_unlabeled else 1)
         unlabeled_batches = make_batches(args, unlabeled_set, u_batch, start_step, rank, world,
                                          seed_offset=1)
@@ -450,13 +578,26 @@ def run(args, weights, rank, world, resume_from):
             "distiller": distiller.state_dict() if distiller else None,
             "d_optimizer": d_optimizer.state_dict() if d_optimizer else None,
             "d_scheduler": d_scheduler.state_dict() if d_scheduler else None,
-            "rng": rng_state(), "step": step, "args": vars(args)})
+            "rng": rng_state(), "step": step, "skipped_steps": skipped, "args": dict(vars(args))})
+
+    def validate(done):
+        metrics = evaluation.evaluate(student, val_loader, device, args.num_classes, args.amp)
+        model.train()
+        if rank == 0:
+            print(f"iter {done}: {args.val_split} mIoU {100 * metrics['miou']:.2f}", flush=True)
+            with open(Path(args.out) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"iter": done, "split": args.val_split, **metrics}) + "\n")
+        return metrics
+
+    # (teacher, its checkpoint) pairs whose outputs the first batch checks
+    teachers = list(zip(distiller.teachers, [args.teacher_checkpoint, args.wide_teacher_checkpoint])
+                    ) if distiller is not None else []
 
     val_loader = None if val_set is None else torch.utils.data.DataLoader(val_set, batch_size=8,
                                                                         num_workers=args.workers)
     if world > 1:  # decorrelate dropout across ranks (augmentation has per-sample seeds)
         torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
-    metrics, sums, logged, skipped = {}, {}, 0, 0
+    metrics, sums, logged, in_a_row, done = {}, {}, 0, 0, start_step
     start_time, step_time = time.perf_counter(), time.perf_counter()
     model.train()
     for step in range(start_step, args.iters):
@@ -468,6 +609,9 @@ def run(args, weights, rank, world, resume_from):
             images, labels = (t.to(device, non_blocking=True) for t in next(batches))
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            while teachers:  # once, on the first batch: NaN/inf weights would skip every step
+                teacher, source = teachers.pop()
+                evaluation.check_finite_outputs(teacher, images, source, autocast)
             with autocast:
                 output = model(images)
             terms = {"ce": task_loss(output, labels, args)}
@@ -492,7 +636,6 @@ def run(args, weights, rank, world, resume_from):
             scaler.step(optimizer)
             scaler.update()
         else:  # never let one bad batch poison the weights: skip the step and say so
-            skipped += 1
             print(f"iter {step + 1}: non-finite loss {loss.item()}, step skipped", flush=True)
         scheduler.step()
         if d_optimizer is not None:  # SKD order: student step first, then D on detached maps
@@ -502,12 +645,14 @@ def run(args, weights, rank, world, resume_from):
                 d_loss.backward()
                 d_optimizer.step()
             else:
-                skipped += 1
+                finite = False
             d_scheduler.step()
             sums["d"] = sums.get("d", 0.0) + d_loss.detach()
         # the sums stay on the device; .item() (a GPU sync) only when a line is printed
         logged += 1
         done = step + 1
+        skipped, in_a_row = (skipped, 0) if finite else (skipped + 1, in_a_row + 1)
+        check_divergence(skipped, in_a_row, done, args.iters)
         if rank == 0 and (done % args.log_every == 0 or done == args.iters):
             per_it = (time.perf_counter() - step_time) / logged
             mean = {k: float(v) / logged for k, v in sums.items()}
@@ -520,33 +665,26 @@ def run(args, weights, rank, world, resume_from):
                   f"eta {evaluation.format_eta(per_it * (args.iters - done))}", flush=True)
             sums, logged, step_time = {}, 0, time.perf_counter()
         last = done == args.iters
-        if val_loader is not None and ((args.eval_every and done % args.eval_every == 0) or last):
-            metrics = evaluation.evaluate(student, val_loader, device, args.num_classes, args.amp)
-            model.train()
-            if rank == 0:
-                print(f"iter {done}: {args.val_split} mIoU {100 * metrics['miou']:.2f}", flush=True)
-                with open(Path(args.out) / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"iter": done, "split": args.val_split, **metrics}) + "\n")
+        if val_loader is not None and args.eval_every and done % args.eval_every == 0 and not last:
+            metrics = validate(done)
         if done % args.checkpoint_every == 0 or last:
             checkpoint(done)
         if args.stop_at and done == args.stop_at:
             checkpoint(done)
             break
+    if done == args.iters and val_loader is not None:  # after the final checkpoint: a failed
+        metrics = validate(done)                          # evaluation never costs the training
     if rank == 0:
         print(f"done in {evaluation.format_eta(time.perf_counter() - start_time)}"
               + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
     return metrics
 
 
-def one_line(error):
-    """The message of a (possibly DataLoader-worker-wrapped) error as one line."""
-    line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    return line.split(": ", 1)[1] if line.startswith(("ValueError: ", "FileNotFoundError: ")) else line
+def main(argv=None):
+    """The command line: exit code 0, or 2 after one line `error: ...` (eval.report_errors)."""
+    args = get_args_parser().parse_args(argv)
+    return evaluation.report_errors(train, args, given_options(argv))
 
 
 if __name__ == "__main__":
-    try:
-        train(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import datasets  # noqa: E402
@@ -412,6 +412,25 @@ def test_corrupt_image(tmp_path):
     dataset = bad_voc(tmp_path, corrupt=True)
     with pytest.raises(ValueError, match=r"2007_000002\.jpg"):
         dataset[0]
+
+
+@pytest.mark.parametrize("defect, message", [
+    (dict(label=[[0, 1]] * 6, label_mode="RGB"), r"2007_000002\.png.*mode RGB.*mode P or L"),
+    (dict(image_size=(9, 6)), r"2007_000002\.jpg.*9x6.*2007_000002\.png.*8x6"),
+    (dict(corrupt=True), r"cannot read image .*2007_000002\.jpg"),
+])
+def test_check_files_finds_broken_files_from_their_headers_alone(defect, message, tmp_path, monkeypatch):
+    dataset = bad_voc(tmp_path, **defect)
+    # no pixel is decoded: a header read (Image.open: size, mode) is all check_files needs
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded pixels"))
+    with pytest.raises(ValueError, match=message):
+        datasets.check_files(dataset)
+
+
+def test_check_files_passes_good_files_without_decoding(synthetic_root, monkeypatch):
+    dataset = datasets.build_dataset("synthetic", synthetic_root, "val")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded pixels"))
+    datasets.check_files(dataset)
 
 
 # ----------------------------------------------------------------------------------------------

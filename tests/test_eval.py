@@ -1,8 +1,10 @@
-"""eval.py: the confusion-matrix mIoU, the CLI, prediction PNGs, submission files, FPS, GMACs
-and bad input."""
+"""eval.py: the confusion-matrix mIoU, the CLI, prediction PNGs, submission files, FPS, GMACs,
+bad input and the output-folder lock."""
 import glob
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +15,8 @@ from PIL import Image
 import datasets
 import eval as evaluation
 import models
-from conftest import run_cli
+import train
+from conftest import REPO, run_cli
 from test_datasets import make_voc, write_label
 
 
@@ -147,6 +150,10 @@ def test_sliding_window_covers_the_image_and_equals_plain_when_the_window_fits()
     pointwise = PointwiseModel()
     assert torch.allclose(evaluation.predict(pointwise, images, (40, 56), window=(24, 32)),
                           evaluation.predict(pointwise, images, (40, 56)), atol=1e-6)
+    # a 1x1 window (a stride of 2/3 of it would be 0) still tiles the image
+    small = images[..., :5, :7]
+    assert torch.allclose(evaluation.predict(pointwise, small, (5, 7), window=(1, 1)),
+                          evaluation.predict(pointwise, small, (5, 7)), atol=1e-6)
 
 
 class PointwiseModel(torch.nn.Module):
@@ -320,3 +327,110 @@ def test_cityscapesscripts_reads_the_submission_and_agrees_with_eval_py(tmp_path
     result = official.evaluateImgLists([official.getPrediction(args, gt) for gt in ground_truth],
                                        ground_truth, args)
     assert result["averageScoreClasses"] == pytest.approx(miou, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- faults (issue 14)
+def eval_main(capsys, *argv):
+    """eval.py's command line, in this process (fast): (exit code, stderr)."""
+    code = evaluation.report_errors(evaluation.main, evaluation.get_args_parser().parse_args(list(map(str, argv))))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--scales", "0"], "--scales"), (["--scales", "1", "-1"], "--scales"), (["--scales", "nan"], "--scales"),
+    (["--fps-size", "0", "0"], "--fps-size"), (["--threads", "-1"], "--threads"),
+    (["--window", "0", "0"], "--window"), (["--workers", "-1"], "--workers"),
+    (["--threshold", "nan"], "--threshold"), (["--device", "nonsense"], "--device"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_eval_bad_option_values_one_line(argv, option, data_root, teacher_checkpoint, capsys):
+    code, err = eval_main(capsys, "--checkpoint", teacher_checkpoint, "--data-root", data_root, *argv)
+    assert code == 2 and option in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_json_naming_a_folder_leaves_no_temporary_file(data_root, teacher_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    code, err = eval_main(capsys, "--checkpoint", teacher_checkpoint, "--data-root", data_root,
+                          "--device", "cpu", "--json", folder)
+    assert code == 2 and "--json" in err and str(folder) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"] and not list(folder.iterdir())
+
+
+def test_eval_empty_split_and_nan_model_are_one_line(data_root, teacher_checkpoint, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    (root / "val.txt").write_text("")
+    code, err = eval_main(capsys, "--checkpoint", teacher_checkpoint, "--data-root", root, "--device", "cpu")
+    assert code == 2 and "--split 'val'" in err, err  # not "mIoU 0.0", exit 0
+    ckpt = torch.load(teacher_checkpoint, weights_only=True)
+    ckpt["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "nan.pt")
+    pred = tmp_path / "pseudo"
+    code, err = eval_main(capsys, "--checkpoint", tmp_path / "nan.pt", "--dataset", "folder", "--data-root",
+                          data_root / "images" / "unlabeled", "--save-pred", pred, "--device", "cpu")
+    assert code == 2 and "nan.pt" in err and "not finite" in err and not pred.exists(), err
+
+
+def test_worker_error_on_a_truncated_image_is_one_line(data_root, teacher_checkpoint, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    image = root / "images" / "val" / "val_00005.png"
+    image.write_bytes(image.read_bytes()[:300])  # the header reads, the pixels do not
+    # the CLI is the subject: its default 2 loader workers, whose error carries their traceback
+    r = run_cli("eval.py", "--checkpoint", teacher_checkpoint, "--data-root", root, "--device", "cpu")
+    assert r.returncode == 2 and "val_00005.png" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_documented_pseudo_label_command_resumes_by_weights_not_path(data_root, teacher_checkpoint,
+                                                                     wide_teacher_checkpoint, tmp_path, capsys):
+    checkpoint, pseudo = tmp_path / "teacher.pt", tmp_path / "pseudo"
+    shutil.copy(teacher_checkpoint, checkpoint)
+    # the README's command, without --split (the folder itself is the images)
+    argv = ["--dataset", "folder", "--data-root", data_root / "images" / "unlabeled", "--save-pred", pseudo,
+            "--threshold", 0.5, "--flip", "--device", "cpu"]
+    assert eval_main(capsys, "--checkpoint", checkpoint, *argv)[0] == 0
+    assert len(list(pseudo.glob("*.png"))) == 32
+    (pseudo / ".unlabeled_00003.png.tmp").write_bytes(b"half a png")  # a kill between write and rename
+    moved = tmp_path / "moved.pt"  # the same weights under another name: the same labels, resumed
+    shutil.copy(checkpoint, moved)
+    assert eval_main(capsys, "--checkpoint", moved, *argv)[0] == 0
+    assert not list(pseudo.rglob("*.tmp"))
+    shutil.copy(wide_teacher_checkpoint, checkpoint)  # other weights at the same path: refused
+    code, err = eval_main(capsys, "--checkpoint", checkpoint, *argv)
+    assert code == 2 and "another run" in err, err
+
+
+def test_second_writer_is_refused_and_a_stale_lock_taken_over(data_root, teacher_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    lock = tmp_path / "out.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, eval\nwith eval.lock_output_dir(sys.argv[1]):\n"
+         "    print('locked', flush=True)\n    time.sleep(300)", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert lock.read_text().strip() == str(holder.pid)
+        with pytest.raises(ValueError, match=f"{out}.*process {holder.pid}"):
+            with evaluation.lock_output_dir(out):
+                pass
+        # the commands that write a folder: one line naming it and the writer's pid
+        train_argv = ["--data-root", data_root, "--out", out, "--iters", 1, "--device", "cpu"]
+        assert train.main(list(map(str, train_argv))) == 2
+        err = capsys.readouterr().err
+        assert str(out) in err and str(holder.pid) in err and len(err.strip().splitlines()) == 1, err
+        code, err = eval_main(capsys, "--checkpoint", teacher_checkpoint, "--data-root", data_root,
+                              "--device", "cpu", "--save-pred", out)
+        assert code == 2 and str(holder.pid) in err, err
+    finally:
+        holder.kill()  # kill -9: no chance to clean up, the lock stays behind
+        holder.wait()
+    assert lock.exists()
+    with evaluation.lock_output_dir(out):  # stale: its process is gone, taken over
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()
+    with pytest.raises(KeyError):  # released on an error too
+        with evaluation.lock_output_dir(out):
+            raise KeyError("boom")
+    assert not lock.exists()

@@ -1,7 +1,9 @@
 """train.py: exact resume, every distillation recipe for 20 steps, and clear errors."""
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +18,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data_root, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.train(train_args(data_root, straight, iters=6))
     train.train(train_args(data_root, resumed, "--stop-at", 3, iters=6))  # "killed" after 3
-    assert torch.load(resumed / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(resumed / "checkpoint.pt", weights_only=True)["step"] == 3
     args = train.get_args_parser().parse_args(["--out", str(resumed), "--resume"])
     train.train(args)  # every other argument comes from the checkpoint
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
@@ -189,7 +191,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data_roo
     for name, argv in runs.items():
         r = run_cli(*argv, "--out", tmp_path / name, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]
+        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
         # BatchNorm running statistics differ by design (rank 0 keeps only its own batches)
         weights[name] = {k: v for k, v in state.items() if "running" not in k and v.is_floating_point()}
     ddp_gap = max((weights["one"][k] - weights["ddp"][k]).abs().max().item() for k in weights["one"])
@@ -216,3 +218,253 @@ def test_bad_unlabeled_and_pseudo_label_folders(data_root, tmp_path):
     assert r.returncode == 2 and "unlabeled_00001" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- faults (issue 14)
+def main(capsys, *argv):
+    """train.py's command line, in this process (fast): (exit code, stderr)."""
+    code = train.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def tiny(data_root, out, *extra, iters=2):
+    return ["--data-root", data_root, "--out", out, "--iters", iters, "--batch-size", 2,
+            "--crop-size", 32, 32, "--device", "cpu", "--model", "deeplabv3plus_mobilenetv2_tiny", *extra]
+
+
+class Payload:
+    """Unpickling this runs os.mkdir(marker): what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (str(self.marker),)
+
+
+def test_checkpoint_is_plain_data_and_loads_with_weights_only(teacher_checkpoint):
+    ckpt = torch.load(teacher_checkpoint, weights_only=True)  # no numpy array, tuple or Namespace
+    assert isinstance(ckpt["args"], dict) and isinstance(ckpt["rng"]["python"][1], list)
+    assert ckpt["rng"]["numpy"]["state"]["key"].dtype == torch.int64
+
+
+def test_malicious_checkpoint_runs_nothing_on_any_path(data_root, teacher_checkpoint, tmp_path, capsys):
+    import eval as evaluation
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(marker), "args": {"model": "x", "num_classes": 8}, "step": 1}, evil)
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    shutil.copy(evil, resume / "checkpoint.pt")
+    unlabeled = data_root / "images" / "unlabeled"
+    attempts = {
+        "eval.py --checkpoint": lambda: evaluation.report_errors(evaluation.main, evaluation.get_args_parser().parse_args(
+            ["--checkpoint", str(evil), "--data-root", str(data_root), "--device", "cpu"])),
+        "--teacher-checkpoint": lambda: train.main(list(map(str, tiny(
+            data_root, tmp_path / "a", "--teacher-checkpoint", evil, "--kd", "pixel=1")))),
+        "--wide-teacher-checkpoint": lambda: train.main(list(map(str, tiny(
+            data_root, tmp_path / "b", "--teacher-checkpoint", teacher_checkpoint, "--wide-teacher-checkpoint",
+            evil, "--kd", "mgd_pixel=1,mgd_image=1", "--unlabeled-root", unlabeled)))),
+        "--resume": lambda: train.main(["--out", str(resume), "--resume"]),
+    }
+    for path, attempt in attempts.items():
+        assert attempt() == 2, path
+        err = capsys.readouterr().err
+        assert "refused" in err and str(evil.name if path != "--resume" else "checkpoint.pt") in err, (path, err)
+        assert len(err.strip().splitlines()) == 1 and not marker.exists(), path
+
+
+@pytest.mark.parametrize("content", ["truncated", "random", "bare state_dict"])
+def test_resume_from_a_broken_checkpoint_is_one_line(content, data_root, teacher_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    data = teacher_checkpoint.read_bytes()
+    if content == "truncated":
+        (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    elif content == "random":
+        (out / "checkpoint.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        torch.save(torch.load(teacher_checkpoint, weights_only=True)["model"], out / "checkpoint.pt")
+    code, err = main(capsys, "--out", out, "--resume")
+    assert code == 2 and "checkpoint.pt" in err and "not a kd-seg checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--d-lr", "nan"], "--d-lr"),
+    (["--kd", "pixel=nan"], "--kd pixel"), (["--kd", "pixel=inf"], "--kd pixel"),
+    (["--kd", "pixel=-1"], "--kd pixel"), (["--kd", "pixel=1,pixel=0"], "twice"),
+    (["--tau", "0"], "--tau"), (["--cwd-tau", "nan"], "--cwd-tau"), (["--poly-power", "-1"], "--poly-power"),
+    (["--scale-range", "nan", "2"], "--scale-range"), (["--scale-range", "2", "1"], "--scale-range"),
+    (["--workers", "-1"], "--workers"), (["--ohem", "1.5"], "--ohem"), (["--crop-size", "0", "0"], "--crop-size"),
+    (["--small-crop", "0", "8"], "--small-crop"), (["--d-width", "0"], "--d-width"),
+    (["--lambda-gp", "-1"], "--lambda-gp"), (["--momentum", "nan"], "--momentum"),
+    (["--centroid-sampling", "nan"], "--centroid-sampling"), (["--device", "nonsense"], "--device"),
+    (["--seed", "-1"], "--seed"),
+] + ([(["--device", "cuda"], "--device cuda")] if not torch.cuda.is_available() else []))
+def test_bad_option_values_one_line_naming_the_option(argv, option, data_root, teacher_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    teacher = ["--teacher-checkpoint", teacher_checkpoint] if any("--kd" in a for a in argv) else []
+    code, err = main(capsys, *tiny(data_root, out, *teacher), *argv)
+    assert code == 2 and option in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_out_naming_a_file_or_under_a_file(data_root, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    for out in (a_file, a_file / "run"):
+        code, err = main(capsys, *tiny(data_root, out))
+        assert code == 2 and str(a_file) in err and len(err.strip().splitlines()) == 1, err
+    assert a_file.read_text() == "mine"
+
+
+def nan_teacher(teacher_checkpoint, path):
+    ckpt = torch.load(teacher_checkpoint, weights_only=True)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+    torch.save(ckpt, path)
+    return path
+
+
+def test_teacher_with_nan_weights_stops_the_run_naming_it(data_root, teacher_checkpoint, tmp_path, capsys):
+    bad = nan_teacher(teacher_checkpoint, tmp_path / "nan_teacher.pt")
+    out = tmp_path / "run"
+    code, err = main(capsys, *tiny(data_root, out, "--teacher-checkpoint", bad, "--kd", "pixel=1"))
+    assert code == 2 and "nan_teacher.pt" in err and "not finite" in err, err
+    assert not out.exists()
+
+
+def test_check_divergence_thresholds():
+    train.check_divergence(19, 19, 400, 600)  # 19 in a row, 4.75%: still occasional
+    with pytest.raises(ValueError, match="20 in a row"):
+        train.check_divergence(20, 20, 100, 600)
+    train.check_divergence(2, 1, 49, 600)  # 4% ... and under 50 steps the share waits
+    train.check_divergence(5, 1, 40, 600)
+    with pytest.raises(ValueError, match="3 of 50"):
+        train.check_divergence(3, 1, 50, 600)  # 6% > 5%
+    with pytest.raises(ValueError, match="1 of 10"):
+        train.check_divergence(1, 1, 10, 10)  # the last step of a short run: 10%
+
+
+def test_a_diverging_run_stops_unfinished(data_root, tmp_path, monkeypatch, capsys):
+    def nan_loss(output, labels, args):
+        return output["out"].sum() * float("nan")
+    monkeypatch.setattr(train, "task_loss", nan_loss)
+    out = tmp_path / "run"
+    code, err = main(capsys, *tiny(data_root, out, "--checkpoint-every", 5, iters=30))
+    assert code == 2 and "stopped at iteration 20" in err, err
+    # what kd_seg's "finished" test sees: the last checkpoint is an earlier step, never iters
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 15
+    assert not (out / "metrics.jsonl").exists()
+    short = tmp_path / "short"
+    code, err = main(capsys, *tiny(data_root, short, iters=4))  # every step of a short run
+    assert code == 2 and "4 of 4" in err and not short.exists(), err
+
+
+def empty_split_copy(data_root, tmp_path, split):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    (root / f"{split}.txt").write_text("")
+    return root
+
+
+def test_empty_train_split_one_line_at_once(data_root, tmp_path):
+    root = empty_split_copy(data_root, tmp_path, "train")
+    # a subprocess with a timeout: an empty train split used to hang the sampler forever
+    r = run_cli("train.py", *tiny(root, tmp_path / "run"), timeout=60)
+    assert r.returncode == 2 and "--train-split 'train'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_empty_val_split_one_line_instead_of_miou_0(data_root, tmp_path, capsys):
+    root = empty_split_copy(data_root, tmp_path, "val")
+    code, err = main(capsys, *tiny(root, tmp_path / "run"))
+    assert code == 2 and "--val-split 'val'" in err and not (tmp_path / "run").exists(), err
+
+
+def test_broken_val_image_fails_before_the_first_step(data_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    (root / "images" / "val" / "val_00003.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    out.mkdir()  # made by the user: a failed run leaves it as it was, and a rerun is accepted
+    code = train.main(list(map(str, tiny(root, out))))
+    captured = capsys.readouterr()
+    assert code == 2 and "val_00003.png" in captured.err and "iter 1" not in captured.out
+    assert out.is_dir() and not list(out.iterdir())
+    code, err = main(capsys, *tiny(data_root, out))
+    assert code == 0, err
+
+
+def test_failed_final_evaluation_keeps_the_finished_training(data_root, tmp_path, monkeypatch, capsys):
+    import eval as evaluation
+    evaluate = evaluation.evaluate
+    def broken(*args, **kwargs):
+        raise ValueError("cannot read image val_00007.png: truncated")
+    monkeypatch.setattr(evaluation, "evaluate", broken)
+    out = tmp_path / "run"
+    code, err = main(capsys, *tiny(data_root, out))
+    assert code == 2 and "val_00007" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # kept, finished
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    assert main(capsys, "--out", out, "--resume")[0] == 0  # evaluates the finished run again
+    assert [m["iter"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [2]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704"),
+                                   OSError(30, "Read-only file system")])
+def test_full_or_read_only_disk_is_one_line_and_leaves_no_temporary_file(error, data_root, tmp_path,
+                                                                         monkeypatch, capsys):
+    def failing_save(state, path):
+        Path(path).write_bytes(b"half a checkpoint")  # what a full disk leaves
+        raise error
+    monkeypatch.setattr(train.torch, "save", failing_save)
+    out = tmp_path / "run"
+    code, err = main(capsys, *tiny(data_root, out))
+    assert code == 2 and "cannot write the checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # neither checkpoint.tmp nor anything else
+
+
+@pytest.mark.parametrize("error", [MemoryError, torch.OutOfMemoryError])
+def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(error, data_root, tmp_path, monkeypatch, capsys):
+    import models
+    build = models.build_model
+    def oom_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        def forward(x):
+            raise error("CUDA out of memory. Tried to allocate 20.00 GiB")
+        model.forward = forward
+        return model
+    monkeypatch.setattr(models, "build_model", oom_model)
+    code, err = main(capsys, *tiny(data_root, tmp_path / "run"))
+    assert code == 2 and "--batch-size" in err and "--accumulate" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_resume_applies_given_iters_refuses_other_changes_and_logs_each_iteration_once(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(train_args(data_root, out, "--stop-at", 2, "--log-every", 1, "--eval-every", 1, iters=4))
+    with open(out / "log.jsonl", "a") as f:  # the killed process logged past its checkpoint
+        f.write(json.dumps({"iter": 3, "loss": 9.0}) + "\n" + '{"iter": 4, "lo')
+    code, err = main(capsys, "--out", out, "--resume", "--lr", 0.5, "--data-root", tmp_path)
+    assert code == 2 and "--lr 0.5 (saved 0.05)" in err and "--data-root" in err, err
+    # --iters 600 is the default value, and given: it applies
+    assert main(capsys, "--out", out, "--resume", "--iters", 600, "--stop-at", 3)[0] == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["iters"] == 600
+    assert [row["iter"] for row in read_log(out)] == [1, 2, 3]
+    metrics = [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [1, 2, 3]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_one_line(data_root, tmp_path, capsys):
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, err = main(capsys, *tiny(data_root, locked / "run"))
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and str(locked) in err and len(err.strip().splitlines()) == 1, err
