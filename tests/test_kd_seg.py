@@ -8,7 +8,7 @@ def test_quick_demo_writes_table_report_and_pictures(tmp_path):
     out, data = tmp_path / "quick", tmp_path / "data"
     r = run_cli("kd_seg.py", "--quick", "--out", out, "--data-root", data, "--jobs", 2, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["rows"]
     names = [row["name"] for row in results]
     assert names[:2] == ["teacher", "baseline"] and "mgd" in names and "zhu" in names
     assert all(0 <= row["mean"] <= 100 for row in results)
