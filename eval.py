@@ -115,8 +115,15 @@ def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         args = ckpt["args"]
         name, num_classes = args["model"], args["num_classes"]
-    except Exception as e:  # truncated file, not a kd-seg checkpoint, ...
-        raise ValueError(f"{path}: not a kd-seg checkpoint ({type(e).__name__})") from None
+    except Exception:  # not a train.py checkpoint: a published file, or nothing kd-seg knows
+        # Issue 16 hook: torchvision / mmsegmentation / CIRKD files are recognised from their keys
+        # and shapes and loaded safely (weights_only=True) and strictly; anything else gets one
+        # ValueError line from models.load_published.
+        model = models.load_published(path, name=expect_model)
+        if expect_classes and expect_classes != model.num_classes:
+            raise ValueError(f"{path}: checkpoint has {model.num_classes} classes, the dataset has "
+                             f"{expect_classes}") from None
+        return model.to(device).eval(), None
     if expect_model and expect_model != name:
         raise ValueError(f"{path}: checkpoint holds model {name}, expected {expect_model}")
     if expect_classes and expect_classes != num_classes:
@@ -138,7 +145,7 @@ def logits_full(model, x, window=None):
     averaged where they overlap, as full-resolution Cityscapes evaluation does."""
     if window is None or (x.shape[-2] <= window[0] and x.shape[-1] <= window[1]):
         return F.interpolate(model(x)["out"].float(), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False)
+                             align_corners=getattr(model, "align_corners", False))  # CIRKD's: True
     (height, width), (wh, ww) = x.shape[-2:], (min(window[0], x.shape[-2]), min(window[1], x.shape[-1]))
     total = count = 0
     for top in sorted({*range(0, height - wh, wh * 2 // 3), height - wh}):

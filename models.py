@@ -556,7 +556,8 @@ def read_weights(source, what="checkpoint"):
             return torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True)
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # no internet, a truncated download, not a torch file: name the source
-        first_line = (str(error).strip().splitlines() or [""])[0]
+        first_line = (str(error).strip().splitlines() or [""])[0].split(". ")[0]  # torch's advice to
+        # retry with weights_only=False (code execution) is left out on purpose
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
         if unsafe:  # e.g. mmsegmentation 1.x training files: `message_hub` pickles mmengine objects
             raise ValueError(
@@ -787,7 +788,14 @@ def load_published(source, name=None):
     Every tensor must fit: missing, unexpected and wrong-shape keys are named (source names).
     """
     what = f"checkpoint {source}" if isinstance(source, (str, Path)) else "published state_dict"
-    checkpoint = read_weights(source, "checkpoint") if isinstance(source, (str, Path)) else source
+    checkpoint = source
+    if isinstance(source, (str, Path)):
+        try:
+            checkpoint = read_weights(source, "checkpoint")
+        except ValueError as error:
+            if "weights_only=True" in str(error):  # objects a safe load refuses: the line says what to do
+                raise
+            raise ValueError(f"{error}: not a kd-seg checkpoint, nor a published one") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{what}: not a state_dict (got {type(checkpoint).__name__})")
     state_dict, meta = checkpoint, None
