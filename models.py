@@ -288,11 +288,15 @@ BACKBONES = {
     "resnet18_v1c": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, variant="v1c"), 128),
     "resnet50_v1c": (lambda stride: ResNet(Bottleneck, [3, 4, 6, 3], stride, variant="v1c"), 512),
     "resnet101_v1c": (lambda stride: ResNet(Bottleneck, [3, 4, 23, 3], stride, variant="v1c"), 512),
-    # SKD's / CIRKD's deep-stem ResNetV1b ("resnet*_v1s" in CIRKD's code), with CIRKD's DeepLabV3
-    # width (512 for ResNet-18 and -101). These models take BGR minus the Caffe mean (see build_model).
-    "resnet18_v1s": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, variant="v1s"), 512),
-    "resnet50_v1s": (lambda stride: ResNet(Bottleneck, [3, 4, 6, 3], stride, variant="v1s"), 512),
-    "resnet101_v1s": (lambda stride: ResNet(Bottleneck, [3, 4, 23, 3], stride, variant="v1s"), 512),
+    # SKD's / CIRKD's deep-stem ResNetV1b ("resnet*_v1s" in CIRKD's code), with the DeepLabV3 widths
+    # of CIRKD's 2022 code (its paper's table and its 78.07 teacher): 128 for ResNet-18, 256 else;
+    # "_h512": the 512 of its 2025 code (CIRKDV2). These take BGR minus the Caffe mean (build_model).
+    "resnet18_v1s": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, variant="v1s"), 128),
+    "resnet50_v1s": (lambda stride: ResNet(Bottleneck, [3, 4, 6, 3], stride, variant="v1s"), 256),
+    "resnet101_v1s": (lambda stride: ResNet(Bottleneck, [3, 4, 23, 3], stride, variant="v1s"), 256),
+    "resnet18_v1s_h512": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, variant="v1s"), 512),
+    "resnet50_v1s_h512": (lambda stride: ResNet(Bottleneck, [3, 4, 6, 3], stride, variant="v1s"), 512),
+    "resnet101_v1s_h512": (lambda stride: ResNet(Bottleneck, [3, 4, 23, 3], stride, variant="v1s"), 512),
 }
 
 
@@ -709,7 +713,7 @@ CIRKD_DEEPLABV3 = (
      ("auxlayer.block.4.", "aux_head.classifier.")])
 
 PUBLISHED_LAYOUTS = ("torchvision deeplabv3_resnet50/101; mmsegmentation PSPNet / DeepLabV3 / DeepLabV3+ on "
-                     "ResNetV1c-18/50/101 -D8; CIRKD DeepLabV3 on ResNet-18/50/101 (deep stem)")
+                     "ResNetV1c-18/50/101 -D8; CIRKD DeepLabV3 on deep-stem ResNet-18/50/101")
 
 
 def rename_key(key, table, inverse=False):
@@ -771,7 +775,8 @@ def published_layout(state_dict, meta=None):
         depth = _resnet_depth(state_dict, "pretrained.")
         if depth is None:
             raise ValueError("a CIRKD DeepLabV3 whose backbone is not ResNet-18/50/101")
-        return (f"deeplabv3_resnet{depth}_v1s", CIRKD_DEEPLABV3, classes("head.block.4.weight"),
+        wide = classes("head.aspp.b0.0.weight") == 512  # CIRKDV2's heads (2025); 2022's: 128 / 256
+        return (f"deeplabv3_resnet{depth}_v1s{'_h512' if wide else ''}", CIRKD_DEEPLABV3, classes("head.block.4.weight"),
                 "auxlayer.block.4.weight" in state_dict)
     raise ValueError(f"neither a kd-seg checkpoint nor a published layout kd-seg knows ({PUBLISHED_LAYOUTS})")
 

@@ -22,7 +22,7 @@ TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50":
                      "resnet101": "resnet101", "wide_resnet50": "wide_resnet50_2", "mobilenetv2": "mobilenet_v2"}
 TINY_BACKBONES = ["resnet18_tiny", "resnet18_micro", "wide_resnet_tiny", "mobilenetv2_tiny"]
 # Deep-stem ResNets of published checkpoints: mmsegmentation's V1c, SKD's / CIRKD's V1s.
-DEEP_STEM_BACKBONES = [f"resnet{depth}_{variant}" for variant in ("v1c", "v1s") for depth in (18, 50, 101)]
+DEEP_STEM_BACKBONES = [f"resnet{depth}_{variant}" for variant in ("v1c", "v1s", "v1s_h512") for depth in (18, 50, 101)]
 
 
 def torchvision_shapes(torchvision_name, keep_imagenet_only=False):
@@ -183,7 +183,7 @@ PUBLISHED = {"deeplabv3_resnet50": models.TORCHVISION_DEEPLABV3, "deeplabv3_resn
              **{f"pspnet_resnet{d}_v1c": models.MMSEG_PSPNET for d in (18, 50, 101)},
              **{f"deeplabv3_resnet{d}_v1c": models.MMSEG_DEEPLABV3 for d in (18, 50, 101)},
              **{f"deeplabv3plus_resnet{d}_v1c": models.MMSEG_DEEPLABV3PLUS for d in (18, 50, 101)},
-             **{f"deeplabv3_resnet{d}_v1s": models.CIRKD_DEEPLABV3 for d in (18, 50, 101)}}
+             **{f"deeplabv3_resnet{d}_v1s{w}": models.CIRKD_DEEPLABV3 for d in (18, 50, 101) for w in ("", "_h512")}}
 
 
 def random_model(name, num_classes, aux=True, seed=0):
@@ -222,7 +222,8 @@ def test_torchvision_deeplabv3_keys_and_shapes_are_torchvision_s(name):
 
 
 # A few keys and shapes read off each source's code (mmseg configs: R50/101 channels 512, aux 256;
-# R18 channels 128, aux 64, c1_channels 12; CIRKD: heads 512, stem 3->64->64->128), so that the
+# R18 channels 128, aux 64, c1_channels 12; CIRKD: stem 3->64->64->128, heads 256 (R18: 128) in
+# its 2022 code, 512 in its 2025 code), so that the
 # tables are checked against the sources and not only against themselves. 19 classes.
 SOURCE_SHAPES = {
     "pspnet_resnet101_v1c": {"backbone.stem.0.weight": [32, 3, 3, 3], "backbone.stem.3.weight": [32, 32, 3, 3],
@@ -252,7 +253,13 @@ SOURCE_SHAPES = {
                                     "decode_head.sep_bottleneck.1.pointwise_conv.conv.weight": [512, 512, 1, 1]},
     "deeplabv3plus_resnet18_v1c": {"decode_head.c1_bottleneck.conv.weight": [12, 64, 1, 1],
                                    "decode_head.sep_bottleneck.0.pointwise_conv.conv.weight": [128, 140, 1, 1]},
-    "deeplabv3_resnet101_v1s": {"pretrained.conv1.weight": [64, 3, 3, 3], "pretrained.conv2.weight": [64, 64, 3, 3],
+    "deeplabv3_resnet101_v1s": {"head.aspp.b0.0.weight": [256, 2048, 1, 1], "head.aspp.project.0.weight": [256, 1280, 1, 1],
+                                "head.block.0.weight": [256, 256, 3, 3], "head.block.4.weight": [19, 256, 1, 1],
+                                "auxlayer.block.0.weight": [256, 1024, 3, 3]},
+    "deeplabv3_resnet18_v1s": {"pretrained.layer1.0.downsample.0.weight": [64, 128, 1, 1],
+                               "head.aspp.b0.0.weight": [128, 512, 1, 1], "head.block.4.weight": [19, 128, 1, 1],
+                               "auxlayer.block.0.weight": [64, 256, 3, 3]},
+    "deeplabv3_resnet101_v1s_h512": {"pretrained.conv1.weight": [64, 3, 3, 3], "pretrained.conv2.weight": [64, 64, 3, 3],
                                 "pretrained.conv3.weight": [128, 64, 3, 3], "pretrained.bn3.running_mean": [128],
                                 "pretrained.layer1.0.conv1.weight": [64, 128, 1, 1],
                                 "pretrained.layer1.0.downsample.0.weight": [256, 128, 1, 1],
@@ -261,8 +268,7 @@ SOURCE_SHAPES = {
                                 "head.aspp.project.0.weight": [512, 2560, 1, 1], "head.block.0.weight": [512, 512, 3, 3],
                                 "head.block.1.running_var": [512], "head.block.4.weight": [19, 512, 1, 1],
                                 "auxlayer.block.0.weight": [256, 1024, 3, 3], "auxlayer.block.4.bias": [19]},
-    "deeplabv3_resnet18_v1s": {"pretrained.layer1.0.downsample.0.weight": [64, 128, 1, 1],
-                               "head.aspp.b0.0.weight": [512, 512, 1, 1], "auxlayer.block.0.weight": [64, 256, 3, 3]},
+    "deeplabv3_resnet18_v1s_h512": {"head.aspp.b0.0.weight": [512, 512, 1, 1], "auxlayer.block.0.weight": [64, 256, 3, 3]},
 }
 
 
@@ -288,7 +294,7 @@ def test_published_layout_is_recognised_from_keys_and_shapes(name):
 # CIRKD's ResNet-101 teacher (the other ResNet-50/101 ones differ only in depth, tested above).
 @pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3_resnet101", "pspnet_resnet18_v1c",
                                   "deeplabv3_resnet18_v1c", "deeplabv3plus_resnet18_v1c", "deeplabv3_resnet18_v1s",
-                                  "pspnet_resnet50_v1c", "deeplabv3_resnet101_v1s"])
+                                  "deeplabv3_resnet18_v1s_h512", "pspnet_resnet50_v1c", "deeplabv3_resnet101_v1s"])
 def test_published_file_loads_strictly_and_reproduces_kd_seg_outputs(name, tmp_path):
     # A file with the source's names (and mmseg's {"meta", "state_dict"}) is recognised from its
     # keys and shapes alone, and computes exactly what kd-seg's model with the same weights does.
