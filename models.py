@@ -15,8 +15,14 @@ What is in this file
     pspnet         PSPNet (pyramid pooling, bins 1/2/3/6). SKD (Liu et al., CVPR 2019):
                    ResNet-101 teacher, ResNet-18 student.
   plus an optional auxiliary FCN head on ResNet layer3 / MobileNetV2 features[13].
+- Deep-stem ResNets of published checkpoints, with their sources' own names and head widths:
+  mmsegmentation's ResNetV1c ("resnet*_v1c", with mmseg's PSPHead / ASPPHead /
+  DepthwiseSeparableASPPHead) and SKD's / CIRKD's ResNetV1b deep stem ("resnet*_v1s", which
+  take BGR minus the Caffe mean, converted inside the model).
 - `build_model(name, num_classes, output_stride=8, pretrained=None, aux=False)`, `MODEL_NAMES`,
-  `build_backbone`, `load_backbone_weights`, `count_parameters`.
+  `build_backbone`, `load_backbone_weights`, `count_parameters`, and `load_published(file)`:
+  a torchvision / mmsegmentation / CIRKD segmentation file as a kd-seg model (README: "Published
+  teachers").
 
 Usage
     from models import build_model, MODEL_NAMES
