@@ -163,7 +163,22 @@ def load_checkpoint_dict(path):
 
 def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
     """Rebuild the model saved by train.py; clear errors for a wrong file, model or class count."""
-    ckpt = load_checkpoint_dict(path)
+    try:
+        ckpt = load_checkpoint_dict(path)
+    except ValueError as error:
+        if "refused" in str(error):  # objects a safe load refuses: no published file holds them
+            raise
+        try:  # is it a plain weights file? (truncated, random: the line above says what it is not)
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise error from None
+        # a published teacher (torchvision / mmsegmentation / CIRKD, README "Published teachers"),
+        # recognised from its keys and shapes and loaded strictly and safely, or one line
+        model = models.load_published(path, name=expect_model)
+        if expect_classes and expect_classes != model.num_classes:
+            raise ValueError(f"{path}: checkpoint has {model.num_classes} classes, the dataset has "
+                             f"{expect_classes}") from None
+        return model.to(device).eval(), None
     args = ckpt["args"]
     name, num_classes = args["model"], args["num_classes"]
     if expect_model and expect_model != name:
@@ -212,7 +227,7 @@ def logits_full(model, x, window=None):
     averaged where they overlap, as full-resolution Cityscapes evaluation does."""
     if window is None or (x.shape[-2] <= window[0] and x.shape[-1] <= window[1]):
         return F.interpolate(model(x)["out"].float(), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False)
+                             align_corners=getattr(model, "align_corners", False))  # CIRKD's: True
     (height, width), (wh, ww) = x.shape[-2:], (min(window[0], x.shape[-2]), min(window[1], x.shape[-1]))
     total = count = 0
     for top in sorted({*range(0, height - wh, max(1, wh * 2 // 3)), height - wh}):

@@ -15,8 +15,14 @@ What is in this file
     pspnet         PSPNet (pyramid pooling, bins 1/2/3/6). SKD (Liu et al., CVPR 2019):
                    ResNet-101 teacher, ResNet-18 student.
   plus an optional auxiliary FCN head on ResNet layer3 / MobileNetV2 features[13].
+- Deep-stem ResNets of published checkpoints, with their sources' own names and head widths:
+  mmsegmentation's ResNetV1c ("resnet*_v1c", with mmseg's PSPHead / ASPPHead /
+  DepthwiseSeparableASPPHead) and SKD's / CIRKD's ResNetV1b deep stem ("resnet*_v1s", which
+  take BGR minus the Caffe mean, converted inside the model).
 - `build_model(name, num_classes, output_stride=8, pretrained=None, aux=False)`, `MODEL_NAMES`,
-  `build_backbone`, `load_backbone_weights`, `count_parameters`.
+  `build_backbone`, `load_backbone_weights`, `count_parameters`, and `load_published(file)`:
+  a torchvision / mmsegmentation / CIRKD segmentation file as a kd-seg model (README: "Published
+  teachers").
 
 Usage
     from models import build_model, MODEL_NAMES
@@ -28,6 +34,7 @@ Usage
 The forward pass returns the head's own resolution (1/output_stride, or 1/4 for DeepLabV3+);
 upsampling to the label size is the caller's job, so losses see both sides at one size.
 """
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -36,14 +43,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv_bn_relu(in_channels, out_channels, kernel_size=3, dilation=1):
+def conv_bn_relu(in_channels, out_channels, kernel_size=3, dilation=1, stride=1, groups=1):
     """Conv (no bias: BatchNorm has one) + BatchNorm + ReLU, 'same' padding."""
     padding = dilation * (kernel_size - 1) // 2
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
+
+
+def separable_conv_bn_relu(in_channels, out_channels, dilation=1):
+    """Depthwise 3x3 conv-BN-ReLU, then pointwise 1x1 conv-BN-ReLU (mmcv's
+    DepthwiseSeparableConvModule, as mmsegmentation's DeepLabV3+ uses it)."""
+    return nn.Sequential(OrderedDict(depthwise=conv_bn_relu(in_channels, in_channels, 3, dilation, groups=in_channels),
+                                     pointwise=conv_bn_relu(in_channels, out_channels, 1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,15 +65,18 @@ def conv_bn_relu(in_channels, out_channels, kernel_size=3, dilation=1):
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs + identity (ResNet-18/34). `width_per_group` is ignored: it is only there so
-    that both blocks share one constructor signature."""
+    that both blocks share one constructor signature. `second_dilation` is conv2's dilation
+    (default: conv1's); the published dilated ResNet-18s disagree on it, see `ResNet`."""
     expansion = 1
 
-    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None, width_per_group=64):
+    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None, width_per_group=64,
+                 second_dilation=None):
         super().__init__()
+        second_dilation = dilation if second_dilation is None else second_dilation
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=second_dilation, dilation=second_dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.downsample = downsample
 
@@ -71,10 +88,12 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carries the stride: 'ResNet v1.5' as torchvision), 1x1 expand x4."""
+    """1x1 reduce, 3x3 (carries the stride: 'ResNet v1.5' as torchvision), 1x1 expand x4.
+    It has one 3x3 conv, so `second_dilation` is ignored (it keeps one signature for both)."""
     expansion = 4
 
-    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None, width_per_group=64):
+    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None, width_per_group=64,
+                 second_dilation=None):
         super().__init__()
         width = channels * width_per_group // 64  # Wide-ResNet-50-2 doubles only this inner width
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
@@ -100,20 +119,50 @@ class ResNet(nn.Module):
     Output stride 16 replaces layer4's stride with dilation 2; output stride 8 also replaces
     layer3's (dilations 2 and 4). As in torchvision, the first block of a dilated layer keeps
     the previous dilation: its conv sees the same pixels the strided conv saw.
+
+    `variant` picks the stem, and the second 3x3 conv of a dilated BasicBlock, of three families
+    of published checkpoints (each with its own parameter names, so its files load as they are):
+      "torchvision"  7x7 conv1 + bn1 (64). BasicBlock: conv2 dilated as conv1.
+      "v1c"          mmsegmentation's ResNetV1c: `stem` = three 3x3 conv-BN-ReLU, 3->32 (stride 2)
+                     ->32->64. BasicBlock: conv2 never dilated (mmseg's BasicBlock pads it by 1).
+      "v1s"          SKD's / CIRKD's deep-stem ResNetV1b: conv1/bn1 3->64 (stride 2), conv2/bn2
+                     64->64, conv3/bn3 64->128, so layer1 takes 128 channels (and a ResNet-18
+                     gets a downsample there). BasicBlock: conv2 has the layer's dilation, also
+                     in the first block (CIRKD's BasicBlockV1b `previous_dilation`).
+    Bottlenecks agree in all three (mmseg's `contract_dilation` halves the first block's
+    dilation, which is the previous dilation at output stride 8 and 16).
     """
 
-    def __init__(self, block, layers, output_stride=32, base_channels=64, width_per_group=64):
+    def __init__(self, block, layers, output_stride=32, base_channels=64, width_per_group=64, variant="torchvision"):
         super().__init__()
         strides, dilations = [1, 2, 2, 2], [1, 1, 1, 1]
         if output_stride <= 16:
             strides[3], dilations[3] = 1, 2
         if output_stride == 8:
             strides[2], dilations[2], dilations[3] = 1, 2, 4
-        self.conv1 = nn.Conv2d(3, base_channels, 7, 2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(base_channels)
+        self.variant = variant
+        if variant == "v1c":
+            self.stem = nn.Sequential(*conv_bn_relu(3, base_channels // 2, stride=2),
+                                      *conv_bn_relu(base_channels // 2, base_channels // 2),
+                                      *conv_bn_relu(base_channels // 2, base_channels))
+            stem_channels = base_channels
+        elif variant == "v1s":
+            self.conv1 = nn.Conv2d(3, base_channels, 3, 2, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(base_channels)
+            self.conv2 = nn.Conv2d(base_channels, base_channels, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(base_channels)
+            self.conv3 = nn.Conv2d(base_channels, 2 * base_channels, 3, padding=1, bias=False)
+            self.bn3 = nn.BatchNorm2d(2 * base_channels)
+            stem_channels = 2 * base_channels
+        elif variant == "torchvision":
+            self.conv1 = nn.Conv2d(3, base_channels, 7, 2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(base_channels)
+            stem_channels = base_channels
+        else:
+            raise ValueError(f"unknown ResNet variant {variant!r}; expected torchvision, v1c or v1s")
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        in_channels, previous_dilation = base_channels, 1
+        in_channels, previous_dilation = stem_channels, 1
         for index, num_blocks in enumerate(layers):
             channels = base_channels * 2 ** index
             out_channels = channels * block.expansion
@@ -121,8 +170,10 @@ class ResNet(nn.Module):
             if strides[index] != 1 or in_channels != out_channels:
                 downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, strides[index], bias=False),
                                            nn.BatchNorm2d(out_channels))
-            blocks = [block(in_channels, channels, strides[index], previous_dilation, downsample, width_per_group)]
-            blocks += [block(out_channels, channels, 1, dilations[index], None, width_per_group)
+            second = {"torchvision": None, "v1c": 1, "v1s": dilations[index]}[variant]  # BasicBlock's conv2
+            blocks = [block(in_channels, channels, strides[index], previous_dilation, downsample, width_per_group,
+                            second)]
+            blocks += [block(out_channels, channels, 1, dilations[index], None, width_per_group, second)
                        for _ in range(num_blocks - 1)]
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             in_channels, previous_dilation = out_channels, dilations[index]
@@ -131,7 +182,15 @@ class ResNet(nn.Module):
         self.out_channels = in_channels
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.variant == "v1c":
+            x = self.stem(x)
+        elif self.variant == "v1s":
+            x = self.relu(self.bn1(self.conv1(x)))
+            x = self.relu(self.bn2(self.conv2(x)))
+            x = self.relu(self.bn3(self.conv3(x)))
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
         low_level = self.layer1(x)
         middle = self.layer3(self.layer2(low_level))
         return {"low_level": low_level, "middle": middle, "out": self.layer4(middle)}
@@ -230,6 +289,20 @@ BACKBONES = {
     "wide_resnet_tiny": (lambda stride: ResNet(BasicBlock, [1, 1, 1, 1], stride, base_channels=48), 192),
     # CPU demo: MobileNetV2 at width 0.25 (features.17 has 80 channels); a stand-in for MobileNetV2.
     "mobilenetv2_tiny": (lambda stride: MobileNetV2(stride, 0.25), 64),
+    # mmsegmentation's ResNetV1c ("-D8" models), with mmseg's head width `channels`: 512, and 128
+    # for ResNet-18 (its r18 configs). Their heads are mmseg's too (see make_head).
+    "resnet18_v1c": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, variant="v1c"), 128),
+    "resnet50_v1c": (lambda stride: ResNet(Bottleneck, [3, 4, 6, 3], stride, variant="v1c"), 512),
+    "resnet101_v1c": (lambda stride: ResNet(Bottleneck, [3, 4, 23, 3], stride, variant="v1c"), 512),
+    # SKD's / CIRKD's deep-stem ResNetV1b ("resnet*_v1s" in CIRKD's code), with the DeepLabV3 widths
+    # of CIRKD's 2022 code (its paper's table and its 78.07 teacher): 128 for ResNet-18, 256 else;
+    # "_h512": the 512 of its 2025 code (CIRKDV2). These take BGR minus the Caffe mean (build_model).
+    "resnet18_v1s": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, variant="v1s"), 128),
+    "resnet50_v1s": (lambda stride: ResNet(Bottleneck, [3, 4, 6, 3], stride, variant="v1s"), 256),
+    "resnet101_v1s": (lambda stride: ResNet(Bottleneck, [3, 4, 23, 3], stride, variant="v1s"), 256),
+    "resnet18_v1s_h512": (lambda stride: ResNet(BasicBlock, [2, 2, 2, 2], stride, variant="v1s"), 512),
+    "resnet50_v1s_h512": (lambda stride: ResNet(Bottleneck, [3, 4, 6, 3], stride, variant="v1s"), 512),
+    "resnet101_v1s_h512": (lambda stride: ResNet(Bottleneck, [3, 4, 23, 3], stride, variant="v1s"), 512),
 }
 
 
@@ -311,19 +384,20 @@ class DeepLabV3PlusHead(nn.Module):
 
 class PSPHead(nn.Module):
     """PSPNet (Zhao et al., CVPR 2017): average-pool to 1x1, 2x2, 3x3, 6x6 bins, 1x1 conv each to
-    in_channels / 4, upsample, concatenate with the input, 3x3 conv to 2 * channels (512 at full
-    width), dropout 0.1 (feat: its output, the classifier's input, as SKD's official
-    x_feat_after_psp, which in train mode has been through the dropout), 1x1 classifier."""
+    `branch_channels`, upsample, concatenate with the input, 3x3 conv to `channels`, dropout 0.1
+    (feat: its output, the classifier's input, as SKD's official x_feat_after_psp, which in train
+    mode has been through the dropout), 1x1 classifier. kd-seg's widths: branches in_channels / 4,
+    bottleneck 512 at full width; mmsegmentation's PSPHead: both `channels` (512; 128 for R18)."""
 
-    def __init__(self, in_channels, num_classes, channels, bins=(1, 2, 3, 6)):
+    def __init__(self, in_channels, num_classes, channels, branch_channels, bins=(1, 2, 3, 6)):
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(bin_size), conv_bn_relu(in_channels, in_channels // 4, 1))
+            nn.Sequential(nn.AdaptiveAvgPool2d(bin_size), conv_bn_relu(in_channels, branch_channels, 1))
             for bin_size in bins)
-        self.bottleneck = conv_bn_relu(in_channels + len(bins) * (in_channels // 4), 2 * channels, 3)
+        self.bottleneck = conv_bn_relu(in_channels + len(bins) * branch_channels, channels, 3)
         self.dropout = nn.Dropout(0.1)
-        self.classifier = nn.Conv2d(2 * channels, num_classes, 1)
-        self.feat_channels = 2 * channels
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.feat_channels = channels
 
     def forward(self, features):
         x = features["out"]
@@ -331,6 +405,46 @@ class PSPHead(nn.Module):
                    for stage in self.stages]
         feat = self.dropout(self.bottleneck(torch.cat([x] + pyramid, dim=1)))
         return self.classifier(feat), feat
+
+
+class MMSegASPPHead(nn.Module):
+    """mmsegmentation's ASPPHead (DeepLabV3) and, with a low-level branch, its
+    DepthwiseSeparableASPPHead (DeepLabV3+), for its published checkpoints. Unlike `ASPP` above:
+    the image-pooling branch comes FIRST in the concatenation, and the concatenation goes straight
+    into a 3x3 `bottleneck` to `channels` (no 1x1 projection, no dropout 0.5).
+    DeepLabV3+ (low_level_width > 0): the atrous branches and the bottleneck are depthwise-
+    separable; the bottleneck output is upsampled to the stride-4 low-level feature, concatenated
+    with its 1x1 projection to low_level_width (48; 12 for R18), two separable 3x3 convs.
+    feat: the last conv's output; then dropout 0.1 (mmseg: Dropout2d) and the 1x1 classifier."""
+
+    def __init__(self, in_channels, num_classes, channels, rates, low_level_channels=0, low_level_width=0):
+        super().__init__()
+        separable = low_level_width > 0
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels, 1))
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_channels, channels, 1)] +
+            [separable_conv_bn_relu(in_channels, channels, r) if separable else conv_bn_relu(in_channels, channels, 3, r)
+             for r in rates])
+        concat_channels = channels * (len(rates) + 2)
+        self.bottleneck = (separable_conv_bn_relu(concat_channels, channels) if separable
+                           else conv_bn_relu(concat_channels, channels, 3))
+        if separable:
+            self.low_level_project = conv_bn_relu(low_level_channels, low_level_width, 1)
+            self.fuse = nn.Sequential(separable_conv_bn_relu(channels + low_level_width, channels),
+                                      separable_conv_bn_relu(channels, channels))
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.feat_channels = channels
+
+    def forward(self, features):
+        x = features["out"]
+        pooled = F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        feat = self.bottleneck(torch.cat([pooled] + [branch(x) for branch in self.branches], dim=1))
+        if hasattr(self, "fuse"):
+            low_level = self.low_level_project(features["low_level"])
+            feat = F.interpolate(feat, size=low_level.shape[-2:], mode="bilinear", align_corners=False)
+            feat = self.fuse(torch.cat([feat, low_level], dim=1))
+        return self.classifier(self.dropout(feat)), feat
 
 
 def fcn_aux_head(in_channels, num_classes):
@@ -349,25 +463,63 @@ def make_head(head, backbone, num_classes, channels, output_stride):
     # DeepLabV3 doubles its atrous rates at output stride 8, where the feature map is twice as
     # large, so that each branch still covers the same part of the image (as the paper does).
     rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
+    mmseg = getattr(backbone, "variant", None) == "v1c"  # mmsegmentation's heads on its ResNetV1c
     if head == "deeplabv2":
         return DeepLabV2Head(backbone.out_channels, num_classes)
+    if head == "deeplabv3" and mmseg:
+        return MMSegASPPHead(backbone.out_channels, num_classes, channels, rates)
     if head == "deeplabv3":
         return DeepLabV3Head(backbone.out_channels, num_classes, channels, rates)
+    if head == "deeplabv3plus" and mmseg:  # c1_channels: 48, and 12 for R18 (channels 128)
+        return MMSegASPPHead(backbone.out_channels, num_classes, channels, rates,
+                             backbone.low_level_channels, channels * 48 // 512)
     if head == "deeplabv3plus":
         return DeepLabV3PlusHead(backbone.out_channels, backbone.low_level_channels, num_classes, channels, rates)
-    return PSPHead(backbone.out_channels, num_classes, channels)
+    if mmseg:
+        return PSPHead(backbone.out_channels, num_classes, channels, branch_channels=channels)
+    return PSPHead(backbone.out_channels, num_classes, 2 * channels, branch_channels=backbone.out_channels // 4)
+
+
+# kd-seg's input: RGB in 0-1, minus this mean, over this std (datasets.Normalize; a test checks
+# that both files agree: models.py may not import datasets.py).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)  # SKD's and CIRKD's datasets (B, G, R)
+
+
+class CaffeBGRInput(nn.Module):
+    """Turn kd-seg's input (ImageNet-normalised RGB in 0-1 units) into the input SKD's and CIRKD's
+    official code trains on: BGR in 0-255 units minus the Caffe mean, no std. It has no state_dict
+    entries (non-persistent buffers), so the models keep their sources' keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("bgr_mean", torch.tensor(CAFFE_BGR_MEAN).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        rgb_255 = (x * self.std + self.mean) * 255
+        return rgb_255.flip(1) - self.bgr_mean
 
 
 class SegmentationModel(nn.Module):
-    """Backbone + head (+ optional auxiliary head); see `build_model` for the outputs."""
+    """Backbone + head (+ optional auxiliary head); see `build_model` for the outputs.
+    `input_transform` (None: identity) converts kd-seg's input into the one the model's family
+    was trained on, so a student, eval.py and the Distiller all feed every model the same images."""
 
-    def __init__(self, backbone, head, num_classes, output_stride, aux_head=None):
+    def __init__(self, backbone, head, num_classes, output_stride, aux_head=None, input_transform=None):
         super().__init__()
         self.backbone, self.head, self.aux_head = backbone, head, aux_head
+        self.input_transform = input_transform
         self.num_classes, self.output_stride = num_classes, output_stride
         self.feat_channels = head.feat_channels
+        # CIRKD upsamples its logits with align_corners=True; eval.logits_full reads this.
+        self.align_corners = False
 
     def forward(self, x):
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         features = self.backbone(x)
         out, feat = self.head(features)
         outputs = {"out": out, "feat": feat}
@@ -407,37 +559,59 @@ def build_backbone(name, output_stride=8):
     return backbone
 
 
+def read_weights(source, what="checkpoint"):
+    """torch.load a file path or URL safely (weights_only=True: no code runs), or raise one line."""
+    is_url = str(source).startswith(("http://", "https://"))
+    if not is_url and not Path(source).is_file():
+        raise FileNotFoundError(f"{what} {source} not found")
+    try:
+        if is_url:  # cached under ~/.cache/torch/hub/checkpoints, as torchvision does
+            return torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:  # no internet, a truncated download, not a torch file: name the source
+        first_line = (str(error).strip().splitlines() or [""])[0].split(". ")[0]  # torch's advice to
+        # retry with weights_only=False (code execution) is left out on purpose
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if unsafe:  # e.g. mmsegmentation 1.x training files: `message_hub` pickles mmengine objects
+            raise ValueError(
+                f"{what} {source} holds Python objects ({unsafe.group(1)}) that a safe load (weights_only=True) "
+                f"refuses; if it is an mmsegmentation file with `message_hub`, keep only its weights (with "
+                f"mmengine installed, and only for a file you trust): python -c \"import torch; c = torch.load("
+                f"'IN.pth', weights_only=False); torch.save({{'state_dict': c['state_dict']}}, 'OUT.pth')\"") from None
+        raise ValueError(f"{what} {source} cannot be loaded ({type(error).__name__}: {first_line})") from None
+
+
+def check_state_dict(state_dict, expected, what, rename=None):
+    """Raise one ValueError line naming the missing, unexpected and wrong-shape keys (the first
+    three of each) of `state_dict` against `expected`; `rename` maps a key to the name to show."""
+    rename = rename or (lambda key: key)
+    missing = [rename(k) for k in expected if k not in state_dict]
+    unexpected = [rename(k) for k in state_dict if k not in expected]
+    wrong_shape = [f"{rename(k)} {list(state_dict[k].shape)} vs {list(expected[k].shape)}" for k in expected
+                   if k in state_dict and state_dict[k].shape != expected[k].shape]
+    problems = [f"{kind} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for kind, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)]
+                if keys]
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+
+
 def load_backbone_weights(backbone, source):
     """Load an ImageNet checkpoint (file path or URL) into `backbone` with strict=True.
 
     torchvision's classifier (`fc.*`, `classifier.*`) and MobileNetV2's last 1x1 conv
     (`features.18.*`) are dropped first; anything else that does not fit raises ValueError.
+    The deep-stem backbones take their own sources' files as they are: mmsegmentation's
+    ResNetV1c (`stem.*`, possibly inside {"state_dict": ...}) and CIRKD's `resnet*-imagenet.pth`.
     """
-    is_url = str(source).startswith(("http://", "https://"))
-    if not is_url and not Path(source).is_file():
-        raise FileNotFoundError(f"pretrained checkpoint {source} not found")
-    try:
-        if is_url:  # cached under ~/.cache/torch/hub/checkpoints, as torchvision does
-            state_dict = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True)
-        else:
-            state_dict = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:  # no internet, a truncated download, not a torch file: name the source
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"pretrained checkpoint {source} cannot be loaded ({type(error).__name__}: "
-                         f"{first_line})") from None
+    state_dict = read_weights(source, "pretrained checkpoint")
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]  # mmcv / mmengine files wrap the weights
     if not isinstance(state_dict, dict):
         raise ValueError(f"pretrained checkpoint {source} is not a state_dict (got {type(state_dict).__name__})")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "classifier.", "features.18."))}
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    problems = [f"{kind} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                for kind, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)]
-                if keys]
-    if problems:
-        raise ValueError(f"pretrained checkpoint {source} does not fit the {type(backbone).__name__} backbone: "
-                         + "; ".join(problems))
+    check_state_dict(state_dict, backbone.state_dict(),
+                     f"pretrained checkpoint {source} does not fit the {type(backbone).__name__} backbone")
     backbone.load_state_dict(state_dict, strict=True)
 
 
@@ -466,9 +640,13 @@ def build_model(name, num_classes, output_stride=8, pretrained=None, aux=False):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     backbone = build_backbone(backbone_name, output_stride)
     head_channels = BACKBONES[backbone_name][1]
+    caffe_input = getattr(backbone, "variant", None) == "v1s"  # SKD / CIRKD: BGR minus the Caffe mean
     model = SegmentationModel(backbone, make_head(head, backbone, num_classes, head_channels, output_stride),
                               num_classes, output_stride,
-                              fcn_aux_head(backbone.middle_channels, num_classes) if aux else None)
+                              fcn_aux_head(backbone.middle_channels, num_classes) if aux else None,
+                              CaffeBGRInput() if caffe_input else None)
+    model.align_corners = caffe_input
+    model.name = name
     init_weights(model.head)
     if aux:
         init_weights(model.aux_head)
@@ -480,3 +658,176 @@ def build_model(name, num_classes, output_stride=8, pretrained=None, aux=False):
 def count_parameters(model):
     """Number of parameters (trainable or not), e.g. for the README's model table."""
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Published checkpoints: torchvision, mmsegmentation and CIRKD files, recognised from their keys
+# and shapes, renamed to kd-seg's keys and loaded strictly. Each layout is a table of (source key
+# prefix, kd-seg key prefix) rows: the same architecture, other names. The README lists the files.
+
+def _conv_module(source, ours):
+    """mmcv's ConvModule (`conv`, `bn`) <-> conv_bn_relu (`0`, `1`)."""
+    return [(f"{source}.conv.", f"{ours}.0."), (f"{source}.bn.", f"{ours}.1.")]
+
+
+def _separable_module(source, ours):
+    """mmcv's DepthwiseSeparableConvModule <-> separable_conv_bn_relu."""
+    return (_conv_module(f"{source}.depthwise_conv", f"{ours}.depthwise") +
+            _conv_module(f"{source}.pointwise_conv", f"{ours}.pointwise"))
+
+
+# torchvision's deeplabv3_resnet50/101: DeepLabHead = Sequential(ASPP, 3x3 conv, BN, ReLU, 1x1
+# classifier); ASPP.convs = [1x1, three atrous 3x3, pooling (AdaptiveAvgPool2d, conv, BN, ReLU)],
+# concatenated in that order and projected (1x1, BN, ReLU, Dropout 0.5): kd-seg's DeepLabV3Head.
+TORCHVISION_DEEPLABV3 = (
+    [("backbone.", "backbone.")] +
+    [(f"classifier.0.convs.{i}.", f"head.aspp.branches.{i}.") for i in range(4)] +
+    [("classifier.0.convs.4.1.", "head.aspp.image_pool.1.0."), ("classifier.0.convs.4.2.", "head.aspp.image_pool.1.1."),
+     ("classifier.0.project.0.", "head.aspp.project.0.0."), ("classifier.0.project.1.", "head.aspp.project.0.1."),
+     ("classifier.1.", "head.conv.0."), ("classifier.2.", "head.conv.1."), ("classifier.4.", "head.classifier."),
+     ("aux_classifier.0.", "aux_head.conv.0."), ("aux_classifier.1.", "aux_head.conv.1."),
+     ("aux_classifier.4.", "aux_head.classifier.")])
+
+# mmsegmentation: `backbone.*` (ResNetV1c, same names as ours), `decode_head.*`, and the FCNHead
+# `auxiliary_head.*` (num_convs=1, no concat_input: kd-seg's fcn_aux_head).
+_MMSEG_AUX = _conv_module("auxiliary_head.convs.0", "aux_head.conv") + [("auxiliary_head.conv_seg.", "aux_head.classifier.")]
+MMSEG_PSPNET = (
+    [("backbone.", "backbone.")] +
+    sum((_conv_module(f"decode_head.psp_modules.{i}.1", f"head.stages.{i}.1") for i in range(4)), []) +
+    _conv_module("decode_head.bottleneck", "head.bottleneck") + [("decode_head.conv_seg.", "head.classifier.")] + _MMSEG_AUX)
+MMSEG_DEEPLABV3 = (
+    [("backbone.", "backbone.")] + _conv_module("decode_head.image_pool.1", "head.image_pool.1") +
+    sum((_conv_module(f"decode_head.aspp_modules.{i}", f"head.branches.{i}") for i in range(4)), []) +
+    _conv_module("decode_head.bottleneck", "head.bottleneck") + [("decode_head.conv_seg.", "head.classifier.")] + _MMSEG_AUX)
+MMSEG_DEEPLABV3PLUS = (
+    [("backbone.", "backbone.")] + _conv_module("decode_head.image_pool.1", "head.image_pool.1") +
+    _conv_module("decode_head.aspp_modules.0", "head.branches.0") +  # the 1x1 branch stays a ConvModule
+    sum((_separable_module(f"decode_head.aspp_modules.{i}", f"head.branches.{i}") for i in range(1, 4)), []) +
+    _separable_module("decode_head.bottleneck", "head.bottleneck") +
+    _conv_module("decode_head.c1_bottleneck", "head.low_level_project") +
+    _separable_module("decode_head.sep_bottleneck.0", "head.fuse.0") +
+    _separable_module("decode_head.sep_bottleneck.1", "head.fuse.1") +
+    [("decode_head.conv_seg.", "head.classifier.")] + _MMSEG_AUX)
+
+# CIRKD's DeepLabV3 (models/deeplabv3.py): `pretrained.*` (ResNetV1b deep stem, same names as our
+# "v1s"), _ASPP b0 (1x1), b1-b3 (atrous, `.block`), b4 (pooling, `.gap`) in that order, project
+# (1x1, BN, ReLU, Dropout 0.5), head.block (3x3, BN, ReLU, Dropout 0.1, 1x1) and auxlayer.block
+# (_FCNHead: 3x3 to in/4, BN, ReLU, Dropout 0.1, 1x1): kd-seg's DeepLabV3Head and fcn_aux_head.
+CIRKD_DEEPLABV3 = (
+    [("pretrained.", "backbone."), ("head.aspp.b0.", "head.aspp.branches.0.")] +
+    [(f"head.aspp.b{i}.block.", f"head.aspp.branches.{i}.") for i in range(1, 4)] +
+    [("head.aspp.b4.gap.1.", "head.aspp.image_pool.1.0."), ("head.aspp.b4.gap.2.", "head.aspp.image_pool.1.1."),
+     ("head.aspp.project.0.", "head.aspp.project.0.0."), ("head.aspp.project.1.", "head.aspp.project.0.1."),
+     ("head.block.0.", "head.conv.0."), ("head.block.1.", "head.conv.1."), ("head.block.4.", "head.classifier."),
+     ("auxlayer.block.0.", "aux_head.conv.0."), ("auxlayer.block.1.", "aux_head.conv.1."),
+     ("auxlayer.block.4.", "aux_head.classifier.")])
+
+PUBLISHED_LAYOUTS = ("torchvision deeplabv3_resnet50/101; mmsegmentation PSPNet / DeepLabV3 / DeepLabV3+ on "
+                     "ResNetV1c-18/50/101 -D8; CIRKD DeepLabV3 on deep-stem ResNet-18/50/101")
+
+
+def rename_key(key, table, inverse=False):
+    """Rename by the first row whose prefix matches (source -> kd-seg; inverse: back). A key no
+    row matches is kept as it is, and so comes out as 'unexpected' in the check."""
+    for source, ours in table:
+        old, new = (ours, source) if inverse else (source, ours)
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def rename_keys(state_dict, table, inverse=False):
+    return {rename_key(key, table, inverse): value for key, value in state_dict.items()}
+
+
+def _resnet_depth(state_dict, prefix):
+    """18, 50 or 101 from the number of layer3 blocks and the block type, else None."""
+    blocks = {key[len(prefix) + 7:].split(".")[0] for key in state_dict if key.startswith(prefix + "layer3.")}
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state_dict
+    return {(2, False): 18, (6, True): 50, (23, True): 101}.get((len(blocks), bottleneck))
+
+
+def published_layout(state_dict, meta=None):
+    """(kd-seg model name, source -> kd-seg key table, class count, has aux head) of a published
+    state_dict, recognised from its keys and shapes; ValueError (one line) when it is none of them."""
+    def classes(key):
+        return state_dict[key].shape[0]
+    if "classifier.0.convs.0.0.weight" in state_dict and "classifier.4.weight" in state_dict:
+        depth = _resnet_depth(state_dict, "backbone.")
+        if depth not in (50, 101):
+            raise ValueError("a torchvision DeepLabV3 whose backbone is not ResNet-50/101")
+        return (f"deeplabv3_resnet{depth}", TORCHVISION_DEEPLABV3, classes("classifier.4.weight"),
+                "aux_classifier.4.weight" in state_dict)
+    if "decode_head.conv_seg.weight" in state_dict:
+        heads = [("decode_head.psp_modules.", "pspnet", MMSEG_PSPNET),
+                 ("decode_head.c1_bottleneck.", "deeplabv3plus", MMSEG_DEEPLABV3PLUS),
+                 ("decode_head.aspp_modules.", "deeplabv3", MMSEG_DEEPLABV3)]
+        found = [(head, table) for prefix, head, table in heads if any(k.startswith(prefix) for k in state_dict)]
+        if not found:
+            raise ValueError("an mmsegmentation model whose decode head is not PSPHead, ASPPHead or "
+                             "DepthwiseSeparableASPPHead")
+        if "backbone.stem.0.weight" not in state_dict:
+            raise ValueError("an mmsegmentation model whose backbone is not ResNetV1c (no deep stem `backbone.stem`)")
+        depth = _resnet_depth(state_dict, "backbone.")
+        if depth is None:
+            raise ValueError("an mmsegmentation model whose backbone is not ResNetV1c-18/50/101")
+        # -D16 models (strides (1, 2, 2, 1), multi-grid) have the same shapes: only the config says
+        config = " ".join(str(v) for k, v in (meta or {}).items() if k in ("config", "cfg"))
+        if re.search(r"dilations\s*=\s*[(\[]\s*1,\s*1,\s*1,\s*2", config) or "multi_grid=(" in config:
+            raise ValueError("an mmsegmentation -D16 model (its config dilates only the last stage); kd-seg "
+                             "takes the -D8 ones")
+        head, table = found[0]
+        return (f"{head}_resnet{depth}_v1c", table, classes("decode_head.conv_seg.weight"),
+                "auxiliary_head.conv_seg.weight" in state_dict)
+    if "head.aspp.b0.0.weight" in state_dict and "pretrained.conv1.weight" in state_dict:
+        if "pretrained.conv3.weight" not in state_dict:
+            raise ValueError("a CIRKD DeepLabV3 on a 'vanilla' ResNet (7x7 stem); kd-seg takes the deep-stem ones")
+        depth = _resnet_depth(state_dict, "pretrained.")
+        if depth is None:
+            raise ValueError("a CIRKD DeepLabV3 whose backbone is not ResNet-18/50/101")
+        wide = classes("head.aspp.b0.0.weight") == 512  # CIRKDV2's heads (2025); 2022's: 128 / 256
+        return (f"deeplabv3_resnet{depth}_v1s{'_h512' if wide else ''}", CIRKD_DEEPLABV3, classes("head.block.4.weight"),
+                "auxlayer.block.4.weight" in state_dict)
+    raise ValueError(f"neither a kd-seg checkpoint nor a published layout kd-seg knows ({PUBLISHED_LAYOUTS})")
+
+
+def load_published(source, name=None):
+    """A published segmentation checkpoint as a kd-seg model (CPU, eval mode), or ValueError.
+
+    source: a file path (read with weights_only=True), or what torch.load returned for one: a plain
+      state_dict (torchvision, CIRKD) or a dict with "state_dict" and "meta" (mmsegmentation).
+    name: optional `build_model` name the file must hold (no layout needs it to be recognised).
+    The model has the source's architecture (`model.name`), class count, auxiliary head when the
+    file has one, and input convention: every model takes kd-seg's ImageNet-normalised RGB images
+    and converts them itself where its source trained on others (CIRKD: BGR minus the Caffe mean).
+    Every tensor must fit: missing, unexpected and wrong-shape keys are named (source names).
+    """
+    what = f"checkpoint {source}" if isinstance(source, (str, Path)) else "published state_dict"
+    checkpoint = source
+    if isinstance(source, (str, Path)):
+        try:
+            checkpoint = read_weights(source, "checkpoint")
+        except ValueError as error:
+            if "weights_only=True" in str(error):  # objects a safe load refuses: the line says what to do
+                raise
+            raise ValueError(f"{error}: not a kd-seg checkpoint, nor a published one") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{what}: not a state_dict (got {type(checkpoint).__name__})")
+    state_dict, meta = checkpoint, None
+    if isinstance(checkpoint.get("state_dict"), dict):  # mmsegmentation: {"meta": ..., "state_dict": ...}
+        state_dict, meta = checkpoint["state_dict"], checkpoint.get("meta")
+    if state_dict and all(key.startswith("module.") for key in state_dict):  # saved from inside DDP
+        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    try:
+        model_name, table, num_classes, aux = published_layout(state_dict, meta if isinstance(meta, dict) else None)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+    if name is not None and name != model_name:
+        raise ValueError(f"{what}: holds {model_name}, expected {name}")
+    model = build_model(model_name, num_classes, output_stride=8, aux=aux)
+    ours = rename_keys(state_dict, table)
+    source_name = {rename_key(key, table): key for key in state_dict}  # report the file's own names
+    check_state_dict(ours, model.state_dict(), f"{what} does not fit {model_name}",
+                     rename=lambda key: source_name.get(key, rename_key(key, table, inverse=True)))
+    model.load_state_dict(ours, strict=True)
+    return model.eval()

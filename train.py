@@ -67,7 +67,8 @@ def get_args_parser():
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default="deeplabv3plus_mobilenetv2_tiny", help="see models.MODEL_NAMES")
     g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
-    g.add_argument("--pretrained", help="torchvision ImageNet backbone checkpoint (file or URL)")
+    g.add_argument("--pretrained", help="ImageNet backbone checkpoint (file or URL): torchvision's; mmcv's "
+                   "resnet*_v1c for *_v1c models; CIRKD's resnet*-imagenet.pth for *_v1s models")
     g.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary head's CE (PSPNet uses 0.4); 0: no aux head")
     g.add_argument("--ohem", type=float, default=0.0,
@@ -89,7 +90,8 @@ def get_args_parser():
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     g = p.add_argument_group("distillation (see losses.py and METHODS.md)")
-    g.add_argument("--teacher-checkpoint", help="frozen teacher (a train.py checkpoint)")
+    g.add_argument("--teacher-checkpoint", help="frozen teacher: a train.py checkpoint, or a published "
+                   "torchvision / mmsegmentation / CIRKD file (README: Published teachers)")
     g.add_argument("--wide-teacher-checkpoint", help="MGD's second, wide teacher")
     g.add_argument("--kd", default="", help="term=weight,... with terms from losses.TERMS")
     g.add_argument("--tau", type=float, default=1.0, help="temperature of pixel_kd (Xie/SKD: 1)")

@@ -434,3 +434,23 @@ def test_second_writer_is_refused_and_a_stale_lock_taken_over(data_root, teacher
         with evaluation.lock_output_dir(out):
             raise KeyError("boom")
     assert not lock.exists()
+
+
+def test_published_checkpoint_evaluates_and_teaches(data_root, tmp_path):
+    # Issue 16: a file in a published layout (here CIRKD's DeepLabV3, the deep-stem ResNet-18 with
+    # BGR / Caffe-mean input) works wherever a kd-seg checkpoint does: eval.py reports its mIoU,
+    # train.py distils from it; a class count other than the dataset's is refused.
+    import train
+    from conftest import train_args
+    num_classes = datasets.build_dataset("synthetic", data_root, "val").num_classes
+    state = models.build_model("deeplabv3_resnet18_v1s", num_classes, aux=True).state_dict()
+    from test_models import PUBLISHED
+    torch.save(models.rename_keys(state, PUBLISHED["deeplabv3_resnet18_v1s"], inverse=True), tmp_path / "cirkd.pth")
+    args = evaluation.get_args_parser().parse_args(
+        ["--checkpoint", str(tmp_path / "cirkd.pth"), "--data-root", str(data_root), "--split", "val", "--device", "cpu"])
+    assert 0 <= evaluation.main(args)["metrics"]["miou"] <= 1
+    with pytest.raises(ValueError, match=f"checkpoint has {num_classes} classes, the dataset has 19"):
+        evaluation.load_checkpoint(tmp_path / "cirkd.pth", expect_classes=19)
+    train.train(train_args(data_root, tmp_path / "student", "--teacher-checkpoint", tmp_path / "cirkd.pth",
+                           "--kd", "pixel=1", iters=2, model="pspnet_resnet18_micro"))
+    assert (tmp_path / "student" / "checkpoint.pt").is_file()
