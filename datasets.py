@@ -697,8 +697,14 @@ def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0
                              f"dataset the labels belong to, one of {sorted(DATASETS)}")
         images, labels, lut = _folder_files(root, split, label_root)
         if classes_from is None:  # unlabeled: no classes needed, every label is 255
-            return SegmentationFolder(images, labels, [], [], lut, transforms)
-        name = classes_from
+            dataset = SegmentationFolder(images, labels, [], [], lut, transforms)
+        else:
+            _, class_names, palette = DATASETS[classes_from]
+            dataset = SegmentationFolder(images, labels, class_names, palette, lut, transforms,
+                                         THING_CLASSES[classes_from])
+        # the folder images are named from (eval.output_names), as label_root pairs them
+        dataset.image_root = os.path.join(root, split) if split else root
+        return dataset
     elif name in DATASETS:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset root not found: {root} (expected the {name} layout "

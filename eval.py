@@ -494,9 +494,12 @@ def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", sc
 
 
 def output_names(dataset):
-    """Output name of each image: its path relative to the dataset's image root, no suffix."""
+    """Output name of each image: its path relative to the dataset's image root (a folder
+    dataset's own root, which is how train.py --pseudo-labels pairs them), no suffix."""
     paths = [Path(p) for p in dataset.image_paths]
     root = Path(os.path.commonpath([p.parent for p in paths])) if len(paths) > 1 else paths[0].parent
+    if getattr(dataset, "image_root", None):
+        root = Path(dataset.image_root)
     return [str(p.relative_to(root).with_suffix("")) for p in paths]
 
 

@@ -89,7 +89,7 @@ DEMO = {
     "name": "demo", "paper": "every paper's rows, at CPU scale", "dataset": "synthetic",
     "teacher": TEACHER, "wide_teacher": WIDE_TEACHER, "student": STUDENT,
     "rows": [row for row in ROWS if row != "zhu_c2f"],   # `--rows zhu,zhu_c2f` compares the two
-    "flags": DEMO_FLAGS, "iters": 260, "teacher_iters": 600, "seeds": [0, 1, 2],
+    "flags": DEMO_FLAGS, "iters": 260, "teacher_iters": 600, "seeds": [0, 1, 2, 3, 4],
     "eval": ["--split", "test", "--batch-size", "16", "--device", "cpu"], "fps_size": (512, 512),
     "imagenet": False,
     # README "tuning the demo": SKD's official pixel weight 10 diverged here, 1 was best on val (so
@@ -208,7 +208,7 @@ def get_args_parser():
     p.add_argument("--data-root", help="dataset root (default: data/<dataset>; the demo makes "
                                        "data/synthetic, or data/synthetic_quick with --quick)")
     p.add_argument("--rows", help="comma-separated rows (see --list; default: the setting's)")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (demo 0 1 2; recipes 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (demo 0-4; recipes 0)")
     p.add_argument("--iters", type=int, help="student iterations (default: the setting's)")
     p.add_argument("--teacher-iters", type=int, help="teacher iterations (default: the setting's)")
     p.add_argument("--out", help="output folder (default runs/demo, runs/quick or runs/<recipe>)")
@@ -448,10 +448,9 @@ def command_line(script, argv):
 
 
 # ----------------------------------------------------------------------------- running jobs
-def end_with_parent():
-    """Pool workers exit when kd_seg.py does, even after a kill -9 of it: a thread watches for
-    the parent's death (the worker is then adopted by another process) and ends the worker."""
-    parent = os.getppid()
+def end_with_parent(parent):
+    """Pool workers exit when kd_seg.py (pid `parent`) does, even after a kill -9 of it: a thread
+    watches for its death (the worker is then adopted by another process) and ends the worker."""
 
     def watch():
         while os.getppid() == parent:
@@ -499,7 +498,8 @@ def run_all(jobs, workers, threads, out):
     results, running, todo = {}, {}, list(jobs)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
-    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=end_with_parent) as pool:
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=end_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
         capability = pool.submit(torch.backends.cpu.get_cpu_capability).result()
         while todo or running:
             for job in [job for job in todo if set(job[3]) <= results.keys()][:workers - len(running)]:
