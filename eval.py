@@ -409,6 +409,25 @@ def claim_output_dir(out_dir, owner):
     write_text_atomic(marker, json.dumps(owner, indent=1))
 
 
+def predict_missing(model, dataset, done, what, device, amp="off", scales=(1.0,), flip=False,
+                    window=None, log_every=50):
+    """Yield (index, probabilities (C, H, W)) for every image of `dataset` not `done(index)`,
+    with progress and an ETA: the loop of the resumable writers (predictions, submissions)."""
+    todo = [i for i in range(len(dataset)) if not done(i)]
+    print(f"{what}: {len(dataset) - len(todo)} of {len(dataset)} already done, writing {len(todo)}")
+    autocast, _ = autocast_context(device, amp)
+    model.eval()
+    start = time.perf_counter()
+    for count, i in enumerate(todo, 1):
+        image, _ = dataset[i]
+        with autocast:
+            yield i, predict(model, image[None].to(device), image.shape[-2:], scales, flip, window)[0]
+        if count % log_every == 0 or count == len(todo):
+            elapsed = time.perf_counter() - start
+            print(f"{what} {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
+                  f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
+
+
 def save_predictions(model, dataset, out_dir, device, amp="off", threshold=0.0, scales=(1.0,),
                      flip=False, owner=None, log_every=50):
     """Write palette, confidence and colour PNGs for every image of `dataset` (see module doc).
@@ -421,16 +440,9 @@ def save_predictions(model, dataset, out_dir, device, amp="off", threshold=0.0, 
         for orphan in out_dir.rglob("*.tmp"):  # a kill between a write and its rename
             orphan.unlink()
         names = output_names(dataset)
-        todo = [i for i, name in enumerate(names) if not (out_dir / f"{name}.png").exists()]
-        print(f"predictions: {len(names) - len(todo)} of {len(names)} already done, writing {len(todo)}"
-              f" to {out_dir}")
-        autocast, _ = autocast_context(device, amp)
-        model.eval()
-        start = time.perf_counter()
-        for count, i in enumerate(todo, 1):
-            image, _ = dataset[i]
-            with autocast:
-                probs = predict(model, image[None].to(device), image.shape[-2:], scales, flip)[0]
+        for i, probs in predict_missing(model, dataset, lambda i: (out_dir / f"{names[i]}.png").exists(),
+                                        f"predictions to {out_dir}", device, amp, scales, flip,
+                                        log_every=log_every):
             confidence, label = probs.max(0)
             label[confidence < threshold] = 255
             name = names[i]
@@ -442,10 +454,6 @@ def save_predictions(model, dataset, out_dir, device, amp="off", threshold=0.0, 
                                          confidence.cpu().numpy())
             save_image_atomic(datasets.colorize(label, dataset.palette), out_dir / "color" / f"{name}.png")
             datasets.save_label_png(out_dir / f"{name}.png", label, dataset.palette)  # last: "done"
-            if count % log_every == 0 or count == len(todo):
-                elapsed = time.perf_counter() - start
-                print(f"predict {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
-                      f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
 
 
 def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", scales=(1.0,),
@@ -471,26 +479,14 @@ def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", sc
         if foreign:  # the official scripts would read it too (cityscapesscripts: multiple predictions)
             raise ValueError(f"{out_dir}: holds {foreign[0]}, which is no file of this submission; "
                              "choose a new output folder")
-        todo = [i for i, name in enumerate(names) if not (out_dir / name).exists()]
-        print(f"submission: {len(names) - len(todo)} of {len(names)} already done, writing {len(todo)} "
-              f"to {out_dir}")
-        autocast, _ = autocast_context(device, amp)
-        model.eval()
-        start = time.perf_counter()
-        for count, i in enumerate(todo, 1):
-            image, _ = dataset[i]
-            with autocast:
-                probs = predict(model, image[None].to(device), image.shape[-2:], scales, flip,
-                                window)[0]
+        for i, probs in predict_missing(model, dataset, lambda i: (out_dir / names[i]).exists(),
+                                        f"submission to {out_dir}", device, amp, scales, flip, window,
+                                        log_every):
             ids = official_ids[probs.argmax(0).cpu().numpy()]
             # VOC's devkit reads palette PNGs; Cityscapes and ADE20K single-channel (mode L) ids
             picture = (datasets.label_to_pil(ids, datasets.voc_palette(256)) if dataset_name == "voc"
                        else Image.fromarray(ids))
             save_image_atomic(picture, out_dir / names[i])
-            if count % log_every == 0 or count == len(todo):
-                elapsed = time.perf_counter() - start
-                print(f"submission {count}/{len(todo)} | {elapsed / count:.3f} s/img | "
-                      f"eta {format_eta(elapsed / count * (len(todo) - count))}", flush=True)
 
 
 def output_names(dataset):

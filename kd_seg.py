@@ -369,6 +369,11 @@ def plan(setting, args, out, data_root, check=True):
 
     for row in rows:   # every row's inputs exist before any download or training starts
         row_flags(row)
+    if check and dataset != "synthetic":   # the root is in the dataset's layout, a given teacher fits it
+        classes = datasets.build_dataset(dataset, str(data_root), "train").num_classes
+        for given in (args.teacher_checkpoint, args.wide_teacher_checkpoint):
+            if given:
+                evaluation.load_checkpoint(given, expect_classes=classes)
 
     def training(out_dir, model, iters, seed, extra=(), imagenet=True):
         argv = ["--model", model, "--iters", str(iters), "--seed", str(seed), "--data-root", str(data_root),

@@ -523,6 +523,8 @@ def run(args, weights, rank, world, resume_from):
                                       momentum=0.9, weight_decay=5e-4)
         d_scheduler = torch.optim.lr_scheduler.LambdaLR(d_optimizer, poly)
     autocast, amp_dtype = evaluation.autocast_context(device, args.amp)
+    if device.type == "cuda":  # fixed crop sizes: let cuDNN time its algorithms once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     # a GradScaler only for fp16: bf16 has float32's range and needs no loss scaling
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -658,12 +660,17 @@ def run(args, weights, rank, world, resume_from):
         if rank == 0 and (done % args.log_every == 0 or done == args.iters):
             per_it = (time.perf_counter() - step_time) / logged
             mean = {k: float(v) / logged for k, v in sums.items()}
+            # throughput with the peak GPU memory so far: what a recipe needs to fit a GPU
+            peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+            images_per_s = args.batch_size * args.accumulate * world / per_it
             with open(Path(args.out) / "log.jsonl", "a") as f:
                 f.write(json.dumps({"iter": done, **mean, "lr": scheduler.get_last_lr()[0],
-                                    "s_per_it": per_it}) + "\n")
+                                    "s_per_it": per_it, "images_per_s": images_per_s,
+                                    "peak_gpu_gb": peak_gb}) + "\n")
             detail = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
             print(f"iter {done}/{args.iters} | loss {mean['loss']:.3f} ({detail}) | "
-                  f"lr {scheduler.get_last_lr()[0]:.2e} | {per_it:.3f} s/it | "
+                  f"lr {scheduler.get_last_lr()[0]:.2e} | {per_it:.3f} s/it, {images_per_s:.1f} img/s"
+                  + (f", peak {peak_gb:.1f} GiB" if peak_gb is not None else "") + " | "
                   f"eta {evaluation.format_eta(per_it * (args.iters - done))}", flush=True)
             sums, logged, step_time = {}, 0, time.perf_counter()
         last = done == args.iters

@@ -162,6 +162,18 @@ def test_bad_options_are_one_line_errors_that_write_nothing(argv, message, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_recipe_bad_input_is_one_line_before_anything_is_written(tmp_path, imagenet_dir, teacher_checkpoint):
+    make_pascal_context(tmp_path / "context")   # a root in another layout than the recipe's
+    r = run_cli("kd_seg.py", "--recipe", "skd2019", "--data-root", tmp_path / "context", "--weights-dir",
+                imagenet_dir, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "Cityscapes" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    make_cityscapes(tmp_path / "cs")   # 19 classes; the session's teacher has the synthetic 8
+    r = run_cli("kd_seg.py", "--recipe", "skd2019", "--smoke", "--data-root", tmp_path / "cs", "--weights-dir",
+                imagenet_dir, "--teacher-checkpoint", teacher_checkpoint, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "8 classes, the dataset has 19" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def _t_quantile(df, p=0.975):
     """Student's t quantile from its density (Simpson's rule and bisection): an independent check."""
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
