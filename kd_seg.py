@@ -369,11 +369,6 @@ def plan(setting, args, out, data_root, check=True):
 
     for row in rows:   # every row's inputs exist before any download or training starts
         row_flags(row)
-    if check and dataset != "synthetic":   # the root is in the dataset's layout, a given teacher fits it
-        classes = datasets.build_dataset(dataset, str(data_root), "train").num_classes
-        for given in (args.teacher_checkpoint, args.wide_teacher_checkpoint):
-            if given:
-                evaluation.load_checkpoint(given, expect_classes=classes)
 
     def training(out_dir, model, iters, seed, extra=(), imagenet=True):
         argv = ["--model", model, "--iters", str(iters), "--seed", str(seed), "--data-root", str(data_root),
@@ -430,6 +425,11 @@ def plan(setting, args, out, data_root, check=True):
     slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]
     jobs.sort(key=lambda job: (job[0].startswith("baseline "),
                                slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
+    if check and dataset != "synthetic":   # the root is in the dataset's layout, a given teacher fits it
+        classes = datasets.build_dataset(dataset, str(data_root), "train").num_classes
+        for given in (args.teacher_checkpoint, args.wide_teacher_checkpoint):
+            if given:
+                evaluation.load_checkpoint(given, expect_classes=classes)
     return teacher_jobs + jobs, run_dirs, teachers, pre_steps
 
 

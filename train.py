@@ -666,7 +666,7 @@ def run(args, weights, rank, world, resume_from):
             with open(Path(args.out) / "log.jsonl", "a") as f:
                 f.write(json.dumps({"iter": done, **mean, "lr": scheduler.get_last_lr()[0],
                                     "s_per_it": per_it, "images_per_s": images_per_s,
-                                    "peak_gpu_gb": peak_gb}) + "\n")
+                                    **({} if peak_gb is None else {"peak_gpu_gb": peak_gb})}) + "\n")
             detail = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
             print(f"iter {done}/{args.iters} | loss {mean['loss']:.3f} ({detail}) | "
                   f"lr {scheduler.get_last_lr()[0]:.2e} | {per_it:.3f} s/it, {images_per_s:.1f} img/s"
