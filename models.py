@@ -570,7 +570,7 @@ def read_weights(source, what="checkpoint"):
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # no internet, a truncated download, not a torch file: name the source
         first_line = (str(error).strip().splitlines() or [""])[0].split(". ")[0]  # torch's advice to
-        # retry with weights_only=False (code execution) is left out on purpose
+        # retry with an unsafe load (code execution) is left out on purpose
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
         if unsafe:  # e.g. mmsegmentation 1.x training files: `message_hub` pickles mmengine objects
             raise ValueError(
