@@ -277,26 +277,23 @@ def choose_setting(args):
     return setting
 
 
+def flag_values(flags, flag):
+    """The values that follow `flag` in an argv list (up to the next --option); [] if absent."""
+    if flag not in flags:
+        return []
+    start = end = flags.index(flag) + 1
+    while end < len(flags) and not flags[end].startswith("--"):
+        end += 1
+    return flags[start:end]
+
+
 def set_flag(flags, flag, values):
     """`flags` with `flag` given `values` (replacing its old values; [] removes the flag)."""
     flags = list(flags)
     if flag in flags:
-        start = end = flags.index(flag)
-        end += 1
-        while end < len(flags) and not flags[end].startswith("--"):
-            end += 1
-        del flags[start:end]
+        start = flags.index(flag)
+        del flags[start:start + 1 + len(flag_values(flags, flag))]
     return flags + ([flag, *values] if values else [])
-
-
-def flag_values(flags, flag):
-    if flag not in flags:
-        return []
-    start = flags.index(flag) + 1
-    end = start
-    while end < len(flags) and not flags[end].startswith("--"):
-        end += 1
-    return flags[start:end]
 
 
 def imagenet_weights(model, weights_dir, check):
