@@ -15,6 +15,7 @@ from torch.autograd import gradcheck
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import losses  # noqa: E402
+import models  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -485,6 +486,44 @@ def test_mgd_terms_run_at_input_resolution_in_the_official_order():
     for name, expected in [("mgd_pixel", labeled), ("u_mgd_pixel", pixel_u), ("mgd_image", image),
                            ("mgd_region", region)]:
         assert terms[name].item() == pytest.approx(expected.item(), rel=1e-5), name
+
+
+def test_one_teacher_forward_per_step_gives_each_batch_its_own_outputs():
+    """The teachers see the labeled batch, MGD's mixed image and both halves (or Xie's unlabeled
+    batch) in one forward each: in eval mode that equals one forward per batch."""
+    torch.manual_seed(0)
+    deep, wide = (models.build_model(name, 4, 16) for name in ("deeplabv3plus_resnet18_micro",
+                                                               "deeplabv3plus_wide_resnet_tiny"))
+    for teacher in (deep, wide):   # non-trivial running statistics
+        teacher.train()(torch.randn(8, 3, 32, 32))
+    calls = []
+    for teacher in (deep, wide):
+        teacher.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    student = TinySegNet()
+    distiller = losses.Distiller(deep, {"mgd_pixel": 1, "mgd_image": 0.001, "mgd_region": 100}, 6, 4,
+                                 wide_teacher=wide)
+    batches = [torch.randn(n, 3, 32, 32) for n in (3, 2, 2)]
+    outputs = distiller.teacher_outputs(*batches)
+    for b, batch in enumerate(batches):
+        for k, teacher in enumerate((deep, wide)):
+            with torch.no_grad():
+                alone = teacher(batch)
+            for name in ("out", "feat"):
+                torch.testing.assert_close(outputs[b][k][name], alone[name], rtol=1e-4, atol=1e-5)
+    calls.clear()
+    images, unlabeled, mask = torch.randn(2, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.zeros(2, 1, 32, 32)
+    distiller.terms(student, student(images), images, torch.zeros(2, 32, 32, dtype=torch.long), 0,
+                    unlabeled, mask)
+    assert calls == [2 + 2 + 2 + 2] * 2            # labeled, mixed, two halves: one call each
+    xie = losses.Distiller(deep, {"pixel": 1, "unlabeled": 1}, 6, 4)
+    calls.clear()
+    terms = xie.terms(student, student(images), images, None, 0, unlabeled)
+    assert calls == [2 + 4]
+    with torch.no_grad():
+        t_logits = losses.resize_like(deep(unlabeled)["out"], student(unlabeled)["out"])
+    s_logits = student(unlabeled)["out"]
+    assert terms["u_ce"].item() == pytest.approx(losses.pseudo_label_ce(s_logits, t_logits).item(), rel=1e-4)
+    assert terms["u_pixel"].item() == pytest.approx(losses.pixel_kd(s_logits, t_logits).item(), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
