@@ -14,6 +14,12 @@ def test_quick_demo_writes_table_report_and_pictures(tmp_path):
     assert all(0 <= row["mean"] <= 100 for row in results)
     report = (out / "REPORT.md").read_text()
     assert "| baseline |" in report and "python kd_seg.py --quick" in report
+    # the jobs ran with one thread each, and on an x86-64 CPU with AVX2 or more on its AVX2 kernels
+    assert "each job: ATen CPU capability " in report and "1 thread(s)" in report
+    import platform, torch
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+            "AVX2", "AVX512"):
+        assert "each job: ATen CPU capability AVX2" in report and "ONEDNN_MAX_CPU_ISA=AVX2" in report
     assert (out / "predictions.png").stat().st_size > 0
     assert (out / "pseudo_label_diagnostics.png").stat().st_size > 0
     # a second run reuses every finished training instead of redoing it
