@@ -765,7 +765,7 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
 
 
 # ----------------------------------------------------------------------------- benchmarks
-def interleaved_times(variants, repeats=7, calls=5, warmup=5):
+def interleaved_times(variants, repeats=15, calls=3, warmup=5):
     """Seconds per call of each variant {name: fn}: every variant warmed up first (one-time
     allocations, oneDNN's kernel choice), then `repeats` rounds that time `calls` calls of each
     variant in turn, so that a drift of the machine (another process, the clock) hits all
@@ -807,7 +807,7 @@ def benchmark(args):
                 logits = model(x)["out"]
                 F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
         return call
-    times = interleaved_times({name: forward(model) for name, model in pair.items()}, repeats=5, calls=3, warmup=3)
+    times = interleaved_times({name: forward(model) for name, model in pair.items()}, repeats=15, calls=1, warmup=3)
     for name, seconds in times.items():
         fps, low, high = median_and_spread([1 / t for t in seconds])
         print(f"{name}: {fps:.2f} FPS (range {low:.2f}-{high:.2f} over {len(seconds)} rounds) at 512x512, "
@@ -883,7 +883,7 @@ def demo_step_benchmark(data_root):
         train_loop_ratio(data_root, step_with({}), workers)
 
 
-def train_loop_ratio(data_root, fixed_step, workers, rounds=5, iters=80, log_every=20):
+def train_loop_ratio(data_root, fixed_step, workers, rounds=9, iters=60, log_every=20):
     """train.py's logged seconds per iteration for the demo's baseline student (the data drawn,
     augmented and moved every step, the log, the scheduler) against `fixed_step`, the same
     forward, backward and SGD step on a fixed batch. Interleaved: each round one short train.py
