@@ -520,6 +520,9 @@ def run_all(jobs, workers, out, reproducible=False):
     """Run jobs in a process pool, each as soon as the jobs it needs have finished, printing
     progress with an ETA. Returns {name: result}; a failed job stops the run with its message."""
     results, running, todo = {}, {}, list(jobs)
+    # the ETA weighs each job by its iterations (an evaluation as 20): a teacher is worth 3 students
+    work = {name: int(flag_values(argv, "--iters")[0]) if script == "train.py" else 20
+            for name, script, argv, _ in jobs}
     start = time.perf_counter()
     with worker_pool(workers, reproducible) as pool:
         kernels = pool.submit(worker_kernels).result()
@@ -541,7 +544,8 @@ def run_all(jobs, workers, out, reproducible=False):
                         other.cancel()
                     raise ValueError(f"job '{name}' failed: {evaluation.one_line(error)} (log: {log})") from None
                 elapsed = time.perf_counter() - start
-                eta = elapsed / len(results) * (len(jobs) - len(results))
+                done_work = sum(work[n] for n in results)
+                eta = elapsed / done_work * (sum(work.values()) - done_work)
                 print(f"{len(results)}/{len(jobs)} | {name} done | elapsed {evaluation.format_eta(elapsed)} "
                       f"| eta {evaluation.format_eta(eta)}", flush=True)
     results["kernels"] = kernels
