@@ -671,9 +671,14 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_outputs(self, *batches):
         """outputs[b][k]: teacher k's output dict on batch b, not yet resized (see `resize_like`
-        at each use). One forward per teacher over the batches put together: a frozen teacher
-        is in eval mode, so every image's output is its own (batch norm uses its running
-        statistics), and one call of 20 images runs much faster than four of 4 or 8 on a CPU."""
+        at each use). On a CPU, one forward per teacher over the batches put together when their
+        image sizes match: a frozen teacher is in eval mode, so every image's output is its own
+        (batch norm uses its running statistics), and on a CPU the fixed cost of each call is
+        large beside that of a few small images. On a GPU (large batches already fill it, and one
+        forward over all of them would multiply the teacher's peak memory) and for batches of
+        other sizes (the small crops of --coarse2fine), one forward per batch."""
+        if batches[0].device.type != "cpu" or len({b.shape[1:] for b in batches}) > 1:
+            return [[t(b) for t in self.teachers] for b in batches]
         sizes = [len(b) for b in batches]
         together = torch.cat(batches) if len(batches) > 1 else batches[0]
         per_teacher = [{name: value.split(sizes) for name, value in t(together).items()}
@@ -701,7 +706,7 @@ class Distiller(nn.Module):
         else:
             extra = [unlabeled] if xie_unlabeled else []
         with autocast:
-            teacher_outs, *teacher_extra = self.teacher_outputs(images, *extra)
+            teacher_outs, *teachers_on_extra = self.teacher_outputs(images, *extra)
         t_out = teacher_outs[0]
         s_logits, s_feat = output["out"], output["feat"]
         t_logits = resize_like(t_out["out"], s_logits)
@@ -732,9 +737,10 @@ class Distiller(nn.Module):
                                                      mgd_upsample(t["out"], size))
                                      for t in teacher_outs)
         if mgd_unlabeled:
-            terms.update(self.mgd_unlabeled_terms(student, extra[0], mix_mask, *teacher_extra, autocast))
+            on_mix, on_u0, on_u1 = teachers_on_extra
+            terms.update(self.mgd_unlabeled_terms(student, extra[0], mix_mask, on_mix, on_u0, on_u1, autocast))
         elif xie_unlabeled:
-            terms.update(self.xie_unlabeled_terms(student, unlabeled, teacher_extra[0][0], autocast))
+            terms.update(self.xie_unlabeled_terms(student, unlabeled, teachers_on_extra[0][0], autocast))
         return terms
 
     def imitation(self, images, labels, s_feat, t_feat, step):

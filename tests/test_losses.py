@@ -490,7 +490,7 @@ def test_mgd_terms_run_at_input_resolution_in_the_official_order():
 
 def test_one_teacher_forward_per_step_gives_each_batch_its_own_outputs():
     """The teachers see the labeled batch, MGD's mixed image and both halves (or Xie's unlabeled
-    batch) in one forward each: in eval mode that equals one forward per batch."""
+    batch) in one forward each on a CPU: in eval mode that equals one forward per batch."""
     torch.manual_seed(0)
     deep, wide = (models.build_model(name, 4, 16) for name in ("deeplabv3plus_resnet18_micro",
                                                                "deeplabv3plus_wide_resnet_tiny"))
@@ -524,6 +524,12 @@ def test_one_teacher_forward_per_step_gives_each_batch_its_own_outputs():
     s_logits = student(unlabeled)["out"]
     assert terms["u_ce"].item() == pytest.approx(losses.pseudo_label_ce(s_logits, t_logits).item(), rel=1e-4)
     assert terms["u_pixel"].item() == pytest.approx(losses.pixel_kd(s_logits, t_logits).item(), rel=1e-4)
+    # --coarse2fine: small labeled crops beside full-size unlabeled ones, one forward per size
+    calls.clear()
+    small = torch.randn(2, 3, 16, 16)
+    terms = xie.terms(student, student(small), small, None, 0, unlabeled)
+    assert calls == [2, 4]
+    assert terms["u_ce"].item() == pytest.approx(losses.pseudo_label_ce(s_logits, t_logits).item(), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
