@@ -446,8 +446,19 @@ def write_partition(dataset, data_root, k, folder):
         os.replace(folder / (name + ".tmp"), folder / name)   # the labeled list last: "done"
 
 
-def command_line(script, argv):
-    return " ".join(["python", script, *map(shlex.quote, argv)])
+def command_line(script, argv, env=None):
+    """The shell command of a job; `env` (job_environment) in front, so that a rerun from a shell
+    runs as the job did."""
+    return " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), "python", script, *map(shlex.quote, argv)])
+
+
+def job_environment(cpu_scale):
+    """What a CPU-scale job runs with beyond its command line (start_worker): one thread and, on
+    x86-64, REPRODUCIBLE_CPU. Empty otherwise."""
+    if not cpu_scale:
+        return {}
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return {**(REPRODUCIBLE_CPU if x86 else {}), "OMP_NUM_THREADS": "1"}
 
 
 # ----------------------------------------------------------------------------- running jobs
@@ -477,30 +488,50 @@ def worker_kernels():
             f"thread(s), ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")
 
 
+def this_process_kernels():
+    return f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
+
+
+@contextlib.contextmanager
 def worker_pool(workers, reproducible):
     """A pool of fresh interpreters (spawn: no forked torch state) that end with kd_seg.py; at
-    CPU scale set up as REPRODUCIBLE_CPU says."""
-    if reproducible and platform.machine().lower() in ("x86_64", "amd64"):
-        os.environ.update(REPRODUCIBLE_CPU)   # read by the workers' torch when it starts
-    return futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=start_worker, initargs=(os.getpid(), reproducible))
+    CPU scale with job_environment's variables, which the workers inherit when they start (this
+    process gets its own environment back afterwards: its FPS runs on the machine's defaults)."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in job_environment(reproducible).items() if k != "OMP_NUM_THREADS"})
+    try:
+        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=start_worker, initargs=(os.getpid(), reproducible)) as pool:
+            yield pool
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def job_done(script, argv):
+    """A finished job: a training whose checkpoint reached its iterations, an evaluation whose
+    --json exists."""
+    if script == "eval.py":
+        return Path(flag_values(argv, "--json")[0]).is_file()
+    checkpoint = Path(flag_values(argv, "--out")[0]) / "checkpoint.pt"
+    return checkpoint.exists() and finished_step(checkpoint.parent) >= int(flag_values(argv, "--iters")[0])
 
 
 def run_job(script, argv, log_path):
     """One train.py / eval.py command line, run in this worker process with its output in
-    `log_path`. A finished job is reused (a training whose checkpoint reached its iterations, an
-    evaluation whose --json exists); an interrupted training resumes. Returns the job's result."""
+    `log_path`. A finished job (`job_done`) is reused; an interrupted training resumes. Returns
+    the job's result."""
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):
         if script == "eval.py":
             args = evaluation.get_args_parser().parse_args(argv)
-            if not Path(args.json).is_file():
+            if not job_done(script, argv):
                 evaluation.main(args)
             return json.loads(Path(args.json).read_text())
         args = train.get_args_parser().parse_args(argv)
         out = Path(args.out)
+        if job_done(script, argv):
+            return str(out)
         if (out / "checkpoint.pt").exists():
-            if finished_step(out) >= args.iters:
-                return str(out)
             args.resume = True
         elif out.exists():   # started but never checkpointed: ours, start again
             for f in out.iterdir():
@@ -520,9 +551,9 @@ def run_all(jobs, workers, out, reproducible=False):
     """Run jobs in a process pool, each as soon as the jobs it needs have finished, printing
     progress with an ETA. Returns {name: result}; a failed job stops the run with its message."""
     results, running, todo = {}, {}, list(jobs)
-    # the ETA weighs each job by its iterations (an evaluation as 20): a teacher is worth 3 students
-    work = {name: int(flag_values(argv, "--iters")[0]) if script == "train.py" else 20
-            for name, script, argv, _ in jobs}
+    # the ETA weighs each job by its iterations (an evaluation as 20), a job already done as 0
+    work = {name: 0 if job_done(script, argv) else int(flag_values(argv, "--iters")[0]) if script == "train.py"
+            else 20 for name, script, argv, _ in jobs}
     start = time.perf_counter()
     with worker_pool(workers, reproducible) as pool:
         kernels = pool.submit(worker_kernels).result()
@@ -545,7 +576,7 @@ def run_all(jobs, workers, out, reproducible=False):
                     raise ValueError(f"job '{name}' failed: {evaluation.one_line(error)} (log: {log})") from None
                 elapsed = time.perf_counter() - start
                 done_work = sum(work[n] for n in results)
-                eta = elapsed / done_work * (sum(work.values()) - done_work)
+                eta = elapsed / done_work * (sum(work.values()) - done_work) if done_work else 0
                 print(f"{len(results)}/{len(jobs)} | {name} done | elapsed {evaluation.format_eta(elapsed)} "
                       f"| eta {evaluation.format_eta(eta)}", flush=True)
     results["kernels"] = kernels
@@ -670,7 +701,7 @@ def run(args):
             print(f"# {description}")
         for job_name, script, argv, needs in jobs:
             print(f"# {job_name}" + (f" (after: {', '.join(needs)})" if needs else ""))
-            print(command_line(script, argv))
+            print(command_line(script, argv, job_environment(cpu_scale)))
         print(f"# then: params, GMACs and FPS of the teacher and student (eval.py --fps), the table "
               f"and {out / 'REPORT.md'}")
         return None
@@ -694,7 +725,8 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
         datasets.make_synthetic(data_root, counts=QUICK_COUNTS if args.quick else None)
     for _, function, function_args in pre_steps:
         function(*function_args)
-    (out / "commands.sh").write_text("".join(command_line(script, argv) + "\n" for _, script, argv, _ in jobs))
+    env = job_environment(cpu_scale)
+    (out / "commands.sh").write_text("".join(command_line(script, argv, env) + "\n" for _, script, argv, _ in jobs))
     for row, seed in run_dirs:
         run_dirs[row, seed].parent.mkdir(parents=True, exist_ok=True)
     results = run_all(jobs, jobs_at_once, out, reproducible=cpu_scale)
@@ -743,7 +775,8 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
               "Gain: mean paired difference to the baseline over the same seeds, with its 95% "
               "confidence interval (paired t test); 'better' or 'worse' when the interval excludes 0, "
               f"'inconclusive' otherwise. Params, GMACs and FPS at {fps_size[0]}x{fps_size[1]}: the "
-              "models as deployed (no auxiliary head), batch 1.", "",
+              f"models as deployed (no auxiliary head), batch 1; FPS in kd_seg.py's own process "
+              f"({this_process_kernels()}).", "",
               "![predictions](predictions.png)  ", f"Columns: {', '.join(columns)}.", ""]
     diagnostics = None
     if demo and "pseudo labels" in results:   # the unlabeled split's labels are held back on disk
@@ -755,11 +788,7 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
         report += [f"| {d['threshold']:.2f} | {100 * d['miou']:.1f} | {100 * d['precision']:.1f} | "
                    f"{100 * d['coverage']:.1f} |" for d in diagnostics]
         report += ["", "![pseudo-label diagnostics](pseudo_label_diagnostics.png)", ""]
-    report += ["## Commands", ""]
-    if cpu_scale:   # what a rerun of one command needs to give the same numbers
-        report += ["Each ran in a kd_seg.py worker process (`kd_seg.start_worker`) with the environment "
-                   + " ".join(f"{k}={v}" for k, v in REPRODUCIBLE_CPU.items()) + " and one thread.", ""]
-    report += ["```", *[command_line(s, a) for _, s, a, _ in jobs], "```", ""]
+    report += ["## Commands", "", "```", *[command_line(s, a, env) for _, s, a, _ in jobs], "```", ""]
     tmp = out / "REPORT.tmp"
     tmp.write_text("\n".join(report))
     os.replace(tmp, out / "REPORT.md")
@@ -900,7 +929,7 @@ def train_loop_ratio(data_root, fixed_step, workers, rounds=9, iters=60, log_eve
             argv = ["--model", STUDENT, "--iters", str(iters), "--data-root", str(data_root), "--out",
                     f"{tmp}/run", "--log-every", str(log_every), "--seed", str(round_), *DEMO_FLAGS,
                     "--workers", str(workers)]
-            with contextlib.redirect_stdout(open(os.devnull, "w")):
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 train.train(train.get_args_parser().parse_args(argv))
             logged = [json.loads(line)["s_per_it"] for line in open(f"{tmp}/run/log.jsonl")][1:]
         start = time.perf_counter()

@@ -20,6 +20,11 @@ def test_quick_demo_writes_table_report_and_pictures(tmp_path):
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
             "AVX2", "AVX512"):
         assert "each job: ATen CPU capability AVX2" in report and "ONEDNN_MAX_CPU_ISA=AVX2" in report
+    # kd_seg.py itself gets its environment back: its FPS run on the machine's own kernels
+    assert f"own process (ATen CPU capability {torch.backends.cpu.get_cpu_capability()}," in report
+    # each printed command carries what its job ran with
+    commands = (out / "commands.sh").read_text().splitlines()
+    assert commands and all(" OMP_NUM_THREADS=1 python " in " " + line for line in commands)
     assert (out / "predictions.png").stat().st_size > 0
     assert (out / "pseudo_label_diagnostics.png").stat().st_size > 0
     # a second run reuses every finished training instead of redoing it
@@ -130,7 +135,7 @@ def test_every_recipe_runs_end_to_end_at_smoke_scale(recipe, tmp_path, imagenet_
         assert f"| {row} |" in report and f"| {row} |" in r.stdout
     # every training started from the ImageNet files, and the report lists each command it ran
     commands = (out / "commands.sh").read_text().splitlines()
-    trainings = [c for c in commands if c.startswith("python train.py")]
+    trainings = [c for c in commands if " python train.py " in f" {c} "]   # after the smoke jobs' environment
     assert trainings and all(str(imagenet_dir) in c for c in trainings)
     assert all(c in report for c in commands)
     if recipe == "mgd2022":   # a 1/16 partition of the 6 train images: 1 labeled, 5 unlabeled
