@@ -453,8 +453,8 @@ def command_line(script, argv, env=None):
 
 
 def job_environment(cpu_scale):
-    """What a CPU-scale job runs with beyond its command line (start_worker): one thread and, on
-    x86-64, REPRODUCIBLE_CPU. Empty otherwise."""
+    """What a CPU-scale job runs with beyond its command line (worker_pool sets it for the
+    workers): one thread and, on x86-64, REPRODUCIBLE_CPU. Empty otherwise."""
     if not cpu_scale:
         return {}
     x86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -474,34 +474,23 @@ def end_with_parent(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def start_worker(parent, reproducible):
-    """A pool worker's set-up: it ends with kd_seg.py; at CPU scale one thread (and the
-    REPRODUCIBLE_CPU environment, read by the worker's torch at start-up)."""
-    end_with_parent(parent)
-    if reproducible:
-        torch.set_num_threads(1)
-
-
-def worker_kernels():
-    """What a worker runs on, for the report."""
+def kernels():
+    """What this process runs on, for the report."""
     return (f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
             f"thread(s), ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")
-
-
-def this_process_kernels():
-    return f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
 
 
 @contextlib.contextmanager
 def worker_pool(workers, reproducible):
     """A pool of fresh interpreters (spawn: no forked torch state) that end with kd_seg.py; at
-    CPU scale with job_environment's variables, which the workers inherit when they start (this
-    process gets its own environment back afterwards: its FPS runs on the machine's defaults)."""
+    CPU scale with job_environment's variables, which the workers' torch reads when it starts
+    (this process gets its own environment back afterwards: its FPS runs on the machine's own
+    kernels and threads)."""
     saved = dict(os.environ)
-    os.environ.update({k: v for k, v in job_environment(reproducible).items() if k != "OMP_NUM_THREADS"})
+    os.environ.update(job_environment(reproducible))
     try:
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=start_worker, initargs=(os.getpid(), reproducible)) as pool:
+                                         initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
             yield pool
     finally:
         os.environ.clear()
@@ -556,7 +545,7 @@ def run_all(jobs, workers, out, reproducible=False):
             else 20 for name, script, argv, _ in jobs}
     start = time.perf_counter()
     with worker_pool(workers, reproducible) as pool:
-        kernels = pool.submit(worker_kernels).result()
+        job_kernels = pool.submit(kernels).result()
         while todo or running:
             for job in [job for job in todo if set(job[3]) <= results.keys()][:workers - len(running)]:
                 todo.remove(job)
@@ -579,7 +568,7 @@ def run_all(jobs, workers, out, reproducible=False):
                 eta = elapsed / done_work * (sum(work.values()) - done_work) if done_work else 0
                 print(f"{len(results)}/{len(jobs)} | {name} done | elapsed {evaluation.format_eta(elapsed)} "
                       f"| eta {evaluation.format_eta(eta)}", flush=True)
-    results["kernels"] = kernels
+    results["kernels"] = job_kernels
     return results
 
 
@@ -776,7 +765,7 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
               "confidence interval (paired t test); 'better' or 'worse' when the interval excludes 0, "
               f"'inconclusive' otherwise. Params, GMACs and FPS at {fps_size[0]}x{fps_size[1]}: the "
               f"models as deployed (no auxiliary head), batch 1; FPS in kd_seg.py's own process "
-              f"({this_process_kernels()}).", "",
+              f"({kernels()}).", "",
               "![predictions](predictions.png)  ", f"Columns: {', '.join(columns)}.", ""]
     diagnostics = None
     if demo and "pseudo labels" in results:   # the unlabeled split's labels are held back on disk
@@ -857,7 +846,7 @@ def benchmark(args):
 
 def demo_step_benchmark(data_root):
     """(2) and (3) of `benchmark`, in a process set up as the demo's workers."""
-    print(f"demo steps, in a process set up as the demo's jobs: {worker_kernels()}", flush=True)
+    print(f"demo steps, in a process set up as the demo's jobs: {kernels()}", flush=True)
     torch.manual_seed(0)
     num_classes = 8
     output_stride = int(flag_values(DEMO_FLAGS, "--output-stride")[0])
