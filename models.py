@@ -412,9 +412,11 @@ class MMSegASPPHead(nn.Module):
     DepthwiseSeparableASPPHead (DeepLabV3+), for its published checkpoints. Unlike `ASPP` above:
     the image-pooling branch comes FIRST in the concatenation, and the concatenation goes straight
     into a 3x3 `bottleneck` to `channels` (no 1x1 projection, no dropout 0.5).
-    DeepLabV3+ (low_level_width > 0): the atrous branches and the bottleneck are depthwise-
-    separable; the bottleneck output is upsampled to the stride-4 low-level feature, concatenated
-    with its 1x1 projection to low_level_width (48; 12 for R18), two separable 3x3 convs.
+    DeepLabV3+ (low_level_width > 0): the atrous branches are depthwise-separable, the bottleneck
+    stays ASPPHead's plain 3x3 conv (mmseg's DepthwiseSeparableASPPHead replaces only
+    `aspp_modules` and adds `c1_bottleneck` and `sep_bottleneck`); the bottleneck output is
+    upsampled to the stride-4 low-level feature, concatenated with its 1x1 projection to
+    low_level_width (48; 12 for R18), two separable 3x3 convs.
     feat: the last conv's output; then dropout 0.1 (mmseg: Dropout2d) and the 1x1 classifier."""
 
     def __init__(self, in_channels, num_classes, channels, rates, low_level_channels=0, low_level_width=0):
@@ -425,9 +427,7 @@ class MMSegASPPHead(nn.Module):
             [conv_bn_relu(in_channels, channels, 1)] +
             [separable_conv_bn_relu(in_channels, channels, r) if separable else conv_bn_relu(in_channels, channels, 3, r)
              for r in rates])
-        concat_channels = channels * (len(rates) + 2)
-        self.bottleneck = (separable_conv_bn_relu(concat_channels, channels) if separable
-                           else conv_bn_relu(concat_channels, channels, 3))
+        self.bottleneck = conv_bn_relu(channels * (len(rates) + 2), channels, 3)
         if separable:
             self.low_level_project = conv_bn_relu(low_level_channels, low_level_width, 1)
             self.fuse = nn.Sequential(separable_conv_bn_relu(channels + low_level_width, channels),
@@ -456,7 +456,8 @@ def fcn_aux_head(in_channels, num_classes):
 
 
 HEADS = ("deeplabv2", "deeplabv3", "deeplabv3plus", "pspnet")
-MODEL_NAMES = sorted(f"{head}_{backbone}" for head in HEADS for backbone in BACKBONES)
+# "<head>_<backbone>", plus the two whole networks ESPNet and ESPNet-C (ESPNETS, below)
+MODEL_NAMES = sorted([f"{head}_{backbone}" for head in HEADS for backbone in BACKBONES] + ["espnet", "espnet_c"])
 
 
 def make_head(head, backbone, num_classes, channels, output_stride):
@@ -485,22 +486,29 @@ def make_head(head, backbone, num_classes, channels, output_stride):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)  # SKD's and CIRKD's datasets (B, G, R)
+# SKD's CamVid ESPNets (dataset/cityscapes.py, CamVidLight): OpenCV's BGR image minus this mean,
+# over this std, both in B, G, R order and 0-255 units
+CAMVID_BGR_MEAN = (73.18188461, 82.93553322, 72.41519599)
+CAMVID_BGR_STD = (45.3199, 46.1528, 44.9148)
 
 
-class CaffeBGRInput(nn.Module):
-    """Turn kd-seg's input (ImageNet-normalised RGB in 0-1 units) into the input SKD's and CIRKD's
-    official code trains on: BGR in 0-255 units minus the Caffe mean, no std. It has no state_dict
-    entries (non-persistent buffers), so the models keep their sources' keys."""
+class BGRInput(nn.Module):
+    """Turn kd-seg's input (ImageNet-normalised RGB in 0-1 units) into the input a published
+    family trained on: BGR in 0-255 units (as OpenCV reads an image) minus `mean`, over `std`
+    (B, G, R). CIRKD and SKD's ResNets: the Caffe mean, no std; SKD's CamVid ESPNets: CamVid's
+    own mean and std. No state_dict entries (non-persistent buffers), so the models keep their
+    sources' keys."""
 
-    def __init__(self):
+    def __init__(self, mean, std=(1.0, 1.0, 1.0)):
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("bgr_mean", torch.tensor(CAFFE_BGR_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("bgr_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("bgr_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x):
         rgb_255 = (x * self.std + self.mean) * 255
-        return rgb_255.flip(1) - self.bgr_mean
+        return (rgb_255.flip(1) - self.bgr_mean) / self.bgr_std
 
 
 class SegmentationModel(nn.Module):
@@ -545,6 +553,151 @@ def init_weights(model):
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and "classifier" in name:
             nn.init.normal_(module.weight, std=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# ESPNet (Mehta et al., ECCV 2018), with p = 2, q = 8: the compact students of SKD's CamVid and
+# Cityscapes tables. A whole network, not a backbone + head: its decoder reuses the encoder's
+# inputs at 1/2 and 1/4. Module names, BatchNorm eps 1e-3 and PReLU are those of the official code
+# (SKD's network/ESPnet.py, branch cvpr_19), so SKD's published files load as they are.
+
+def _named(**modules):
+    """nn.Sequential with named children: state_dict keys `conv.weight`, `bn.weight`, ..."""
+    return nn.Sequential(OrderedDict(modules))
+
+
+def esp_conv(in_channels, out_channels, kernel_size, stride=1, dilation=1):
+    """A bias-free conv, 'same' padding (official C / CDilated: the conv sits in `.conv`)."""
+    padding = (kernel_size - 1) // 2 * dilation
+    return _named(conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False))
+
+
+def bn_prelu(channels):
+    """BatchNorm (eps 1e-3) + PReLU (official BR)."""
+    return _named(bn=nn.BatchNorm2d(channels, eps=1e-3), act=nn.PReLU(channels))
+
+
+def conv_bn_prelu(in_channels, out_channels, kernel_size, stride=1):
+    """Conv + BatchNorm (eps 1e-3) + PReLU (official CBR)."""
+    return _named(conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, bias=False),
+                  bn=nn.BatchNorm2d(out_channels, eps=1e-3), act=nn.PReLU(out_channels))
+
+
+class ESPModule(nn.Module):
+    """The efficient spatial pyramid module (paper, Fig. 1): reduce, split, transform, merge.
+
+    Reduce: a 1x1 conv to n = out/5 channels (the downsampling module: a 3x3 stride-2 conv).
+    Split and transform: five parallel 3x3 convs dilated 1, 2, 4, 8, 16 (dilation 1 takes the
+    remainder, out - 4n channels). Merge: hierarchical feature fusion (HFF): each dilated output is
+    summed with those of every smaller dilation before the concatenation, which removes the
+    gridding that large dilations leave; then the input is added (residual) where the shapes allow,
+    and BatchNorm + PReLU. Official names: `c1`, `d1` ... `d16`; the block's `bn` is a BR, the
+    downsampler's `bn` and `act` sit directly in it (DownSamplerB)."""
+
+    def __init__(self, in_channels, out_channels, downsample=False, residual=True):
+        super().__init__()
+        n = out_channels // 5
+        if n < 1:
+            raise ValueError(f"an ESP module splits its {out_channels} output channels five ways; it needs at least 5")
+        self.c1 = esp_conv(in_channels, n, 3, stride=2) if downsample else esp_conv(in_channels, n, 1)
+        self.d1 = esp_conv(n, out_channels - 4 * n, 3)
+        self.d2, self.d4, self.d8, self.d16 = (esp_conv(n, n, 3, dilation=d) for d in (2, 4, 8, 16))
+        self.residual = residual and not downsample and in_channels == out_channels
+        if downsample:
+            self.bn, self.act = nn.BatchNorm2d(out_channels, eps=1e-3), nn.PReLU(out_channels)
+        else:
+            self.bn, self.act = bn_prelu(out_channels), nn.Identity()
+
+    def forward(self, x):
+        reduced = self.c1(x)
+        fused = [self.d2(reduced)]   # HFF: running sums over the dilations 2, 4, 8, 16
+        for branch in (self.d4, self.d8, self.d16):
+            fused.append(fused[-1] + branch(reduced))
+        merged = torch.cat([self.d1(reduced)] + fused, dim=1)
+        return self.act(self.bn(merged + x if self.residual else merged))
+
+
+class ESPNet(nn.Module):
+    """ESPNet-C (decoder=False) and ESPNet (decoder=True), the paper's Fig. 4 (c) and (d).
+
+    Encoder (ESPNet-C): a 3x3 stride-2 conv (16 channels) beside the image at 1/2, then an ESP
+    downsampler to 64 channels and p ESP blocks at 1/4 (with the image at 1/4 in the concat), an
+    ESP downsampler to 128 and q blocks at 1/8; `feat` is their 256-channel concatenation at 1/8.
+    ESPNet-C classifies `feat` with a 1x1 conv (logits at 1/8). ESPNet's light decoder: those 1/8
+    logits, upsampled by a 2x2 transposed conv and joined with a 1x1 projection of the 1/4 features
+    (an ESP module merges them), up to 1/2, joined with the 1/2 features, a 3x3 conv and a last 2x2
+    transposed conv: logits at full resolution. The official code names the 1x1 classifier
+    `classifier_1` in ESPNet and `classifier` in ESPNet-C, where ESPNet's `classifier` is the
+    last transposed conv; kept, so the files load.
+
+    forward returns {"out": logits (1/8 for ESPNet-C, full size for ESPNet), "feat": the 256-channel
+    1/8 feature}. "feat" is what the pair-wise, FGFI, CWD-feature and MGD region terms distil, in
+    both: SKD's authors (their repository's issue #32) used the 1/8 feature, "in the middle" of
+    ESPNet, and it is the last feature both networks have in common, so either can teach the other.
+
+    Input: SKD's CamVid normalisation (CAMVID_BGR_MEAN / _STD), converted inside the model from
+    kd-seg's own, so SKD's files score as published. Kept for the ESPNets kd-seg trains itself
+    (one architecture, one input; a fixed affine change of the input costs a model trained from
+    scratch nothing). The decoder's transposed convs need sides that are multiples of 8: other
+    images are padded at the bottom and right (with 0, the ImageNet mean colour, as kd-seg's crops
+    are padded) and the logits cropped back,
+    a kd-seg addition (the official code takes only such sizes; SKD's 360x480 needs no padding).
+    Initialisation: PyTorch's defaults, as the official code. Inference upsamples with
+    align_corners=True, as SKD's eval_esp.py.
+    """
+
+    def __init__(self, num_classes, p=2, q=8, decoder=False):
+        super().__init__()
+        self.input_transform = BGRInput(CAMVID_BGR_MEAN, CAMVID_BGR_STD)
+        self.level1 = conv_bn_prelu(3, 16, 3, stride=2)
+        self.b1 = bn_prelu(16 + 3)
+        self.level2_0 = ESPModule(16 + 3, 64, downsample=True)
+        self.level2 = nn.ModuleList(ESPModule(64, 64) for _ in range(p))
+        self.b2 = bn_prelu(128 + 3)
+        self.level3_0 = ESPModule(128 + 3, 128, downsample=True)
+        self.level3 = nn.ModuleList(ESPModule(128, 128) for _ in range(q))
+        self.b3 = bn_prelu(256)
+        if decoder:
+            c = num_classes
+            self.classifier_1 = esp_conv(256, c, 1)
+            self.br = nn.BatchNorm2d(c, eps=1e-3)
+            self.up_l3 = nn.Sequential(nn.ConvTranspose2d(c, c, 2, stride=2, bias=False))
+            self.level3_C = esp_conv(128 + 3, c, 1)
+            self.combine_l2_l3 = nn.Sequential(bn_prelu(2 * c), ESPModule(2 * c, c, residual=False))
+            self.up_l2 = nn.Sequential(nn.ConvTranspose2d(c, c, 2, stride=2, bias=False), bn_prelu(c))
+            self.conv = conv_bn_prelu(16 + 3 + c, c, 3)
+            self.classifier = nn.ConvTranspose2d(c, c, 2, stride=2, bias=False)
+        else:
+            self.classifier = esp_conv(256, num_classes, 1)
+        self.decoder = decoder
+        self.num_classes, self.output_stride, self.feat_channels = num_classes, 8, 256
+        self.align_corners = True
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if self.decoder and (height % 8 or width % 8):   # see the class docstring
+            x = F.pad(x, (0, -width % 8, 0, -height % 8))
+        x = self.input_transform(x)
+        image_2 = F.avg_pool2d(x, 3, stride=2, padding=1)   # the image at 1/2 and 1/4 (official
+        image_4 = F.avg_pool2d(image_2, 3, stride=2, padding=1)   # InputProjectionA)
+        level1 = self.b1(torch.cat([self.level1(x), image_2], dim=1))                 # 1/2, 19
+        down2 = blocks2 = self.level2_0(level1)
+        for block in self.level2:
+            blocks2 = block(blocks2)
+        level2 = self.b2(torch.cat([blocks2, down2, image_4], dim=1))                 # 1/4, 131
+        down3 = blocks3 = self.level3_0(level2)
+        for block in self.level3:
+            blocks3 = block(blocks3)
+        feat = self.b3(torch.cat([down3, blocks3], dim=1))                             # 1/8, 256
+        if not self.decoder:
+            return {"out": self.classifier(feat), "feat": feat}
+        up = self.up_l3(self.br(self.classifier_1(feat)))                              # 1/4
+        up = self.up_l2(self.combine_l2_l3(torch.cat([self.level3_C(level2), up], dim=1)))   # 1/2
+        out = self.classifier(self.conv(torch.cat([up, level1], dim=1)))               # 1/1
+        return {"out": out[..., :height, :width], "feat": feat}
+
+
+ESPNETS = {"espnet_c": False, "espnet": True}   # name -> with the decoder
 
 
 def build_backbone(name, output_stride=8):
@@ -596,6 +749,15 @@ def check_state_dict(state_dict, expected, what, rename=None):
         raise ValueError(f"{what}: " + "; ".join(problems))
 
 
+def with_num_batches_tracked(state_dict, expected):
+    """`state_dict` plus any BatchNorm `num_batches_tracked` buffer of `expected` it lacks (taken
+    from `expected`, the model's own): files saved by torch before 0.4.1 have none (CIRKD's
+    resnet101-imagenet.pth and many ImageNet files), and torch's load_state_dict accepts them.
+    Only those keys may be missing; the strict check still names any other."""
+    missing = {k: v for k, v in expected.items() if k.endswith(".num_batches_tracked") and k not in state_dict}
+    return {**state_dict, **missing}
+
+
 def load_backbone_weights(backbone, source):
     """Load an ImageNet checkpoint (file path or URL) into `backbone` with strict=True.
 
@@ -610,6 +772,7 @@ def load_backbone_weights(backbone, source):
     if not isinstance(state_dict, dict):
         raise ValueError(f"pretrained checkpoint {source} is not a state_dict (got {type(state_dict).__name__})")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "classifier.", "features.18."))}
+    state_dict = with_num_batches_tracked(state_dict, backbone.state_dict())
     check_state_dict(state_dict, backbone.state_dict(),
                      f"pretrained checkpoint {source} does not fit the {type(backbone).__name__} backbone")
     backbone.load_state_dict(state_dict, strict=True)
@@ -638,13 +801,15 @@ def build_model(name, num_classes, output_stride=8, pretrained=None, aux=False):
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if name in ESPNETS:
+        return build_espnet(name, num_classes, output_stride, pretrained, aux)
     backbone = build_backbone(backbone_name, output_stride)
     head_channels = BACKBONES[backbone_name][1]
     caffe_input = getattr(backbone, "variant", None) == "v1s"  # SKD / CIRKD: BGR minus the Caffe mean
     model = SegmentationModel(backbone, make_head(head, backbone, num_classes, head_channels, output_stride),
                               num_classes, output_stride,
                               fcn_aux_head(backbone.middle_channels, num_classes) if aux else None,
-                              CaffeBGRInput() if caffe_input else None)
+                              BGRInput(CAFFE_BGR_MEAN) if caffe_input else None)
     model.align_corners = caffe_input
     model.name = name
     init_weights(model.head)
@@ -652,6 +817,23 @@ def build_model(name, num_classes, output_stride=8, pretrained=None, aux=False):
         init_weights(model.aux_head)
     if pretrained is not None:
         load_backbone_weights(model.backbone, pretrained)
+    return model
+
+
+def build_espnet(name, num_classes, output_stride=8, pretrained=None, aux=False):
+    """ESPNet ("espnet") or ESPNet-C ("espnet_c") with p = 2, q = 8, as SKD's students; options
+    the architecture does not have are refused in one line."""
+    if output_stride != 8:
+        raise ValueError(f"{name}: its encoder has output stride 8 (got --output-stride {output_stride})")
+    if pretrained is not None:
+        raise ValueError(f"{name}: there are no ImageNet weights for ESPNet's encoder; it trains from scratch")
+    if aux:
+        raise ValueError(f"{name}: ESPNet has no auxiliary head (use --aux-weight 0)")
+    if ESPNETS[name] and num_classes < 5:
+        raise ValueError(f"{name}: its decoder splits the class channels five ways (an ESP module), so it needs "
+                         f"at least 5 classes, got {num_classes}; espnet_c takes any class count")
+    model = ESPNet(num_classes, decoder=ESPNETS[name])
+    model.name = name
     return model
 
 
@@ -703,7 +885,7 @@ MMSEG_DEEPLABV3PLUS = (
     [("backbone.", "backbone.")] + _conv_module("decode_head.image_pool.1", "head.image_pool.1") +
     _conv_module("decode_head.aspp_modules.0", "head.branches.0") +  # the 1x1 branch stays a ConvModule
     sum((_separable_module(f"decode_head.aspp_modules.{i}", f"head.branches.{i}") for i in range(1, 4)), []) +
-    _separable_module("decode_head.bottleneck", "head.bottleneck") +
+    _conv_module("decode_head.bottleneck", "head.bottleneck") +   # ASPPHead's plain 3x3 ConvModule
     _conv_module("decode_head.c1_bottleneck", "head.low_level_project") +
     _separable_module("decode_head.sep_bottleneck.0", "head.fuse.0") +
     _separable_module("decode_head.sep_bottleneck.1", "head.fuse.1") +
@@ -723,7 +905,8 @@ CIRKD_DEEPLABV3 = (
      ("auxlayer.block.4.", "aux_head.classifier.")])
 
 PUBLISHED_LAYOUTS = ("torchvision deeplabv3_resnet50/101; mmsegmentation PSPNet / DeepLabV3 / DeepLabV3+ on "
-                     "ResNetV1c-18/50/101 -D8; CIRKD DeepLabV3 on deep-stem ResNet-18/50/101")
+                     "ResNetV1c-18/50/101 -D8; CIRKD DeepLabV3 on deep-stem ResNet-18/50/101; SKD's ESPNet / "
+                     "ESPNet-C")
 
 
 def rename_key(key, table, inverse=False):
@@ -788,6 +971,16 @@ def published_layout(state_dict, meta=None):
         wide = classes("head.aspp.b0.0.weight") == 512  # CIRKDV2's heads (2025); 2022's: 128 / 256
         return (f"deeplabv3_resnet{depth}_v1s{'_h512' if wide else ''}", CIRKD_DEEPLABV3, classes("head.block.4.weight"),
                 "auxlayer.block.4.weight" in state_dict)
+    if "level3_0.c1.conv.weight" in state_dict and "b3.bn.weight" in state_dict:   # SKD's ESPNets: our own names
+        name, classifier = (("espnet", "classifier_1.conv.weight") if "classifier_1.conv.weight" in state_dict
+                            else ("espnet_c", "classifier.conv.weight"))
+        blocks = [len({key.split(".")[1] for key in state_dict if key.startswith(level + ".")})
+                  for level in ("level2", "level3")]
+        if blocks != [2, 8]:
+            raise ValueError(f"an ESPNet with p = {blocks[0]}, q = {blocks[1]}; kd-seg builds SKD's p = 2, q = 8")
+        if classifier not in state_dict:
+            raise ValueError(f"an ESPNet without its classifier ({classifier})")
+        return name, [], classes(classifier), False
     raise ValueError(f"neither a kd-seg checkpoint nor a published layout kd-seg knows ({PUBLISHED_LAYOUTS})")
 
 
@@ -799,7 +992,8 @@ def load_published(source, name=None):
     name: optional `build_model` name the file must hold (no layout needs it to be recognised).
     The model has the source's architecture (`model.name`), class count, auxiliary head when the
     file has one, and input convention: every model takes kd-seg's ImageNet-normalised RGB images
-    and converts them itself where its source trained on others (CIRKD: BGR minus the Caffe mean).
+    and converts them itself where its source trained on others (CIRKD: BGR minus the Caffe mean;
+    SKD's ESPNets: BGR minus CamVid's mean, over its std).
     Every tensor must fit: missing, unexpected and wrong-shape keys are named (source names).
     """
     what = f"checkpoint {source}" if isinstance(source, (str, Path)) else "published state_dict"
@@ -825,7 +1019,7 @@ def load_published(source, name=None):
     if name is not None and name != model_name:
         raise ValueError(f"{what}: holds {model_name}, expected {name}")
     model = build_model(model_name, num_classes, output_stride=8, aux=aux)
-    ours = rename_keys(state_dict, table)
+    ours = with_num_batches_tracked(rename_keys(state_dict, table), model.state_dict())
     source_name = {rename_key(key, table): key for key in state_dict}  # report the file's own names
     check_state_dict(ours, model.state_dict(), f"{what} does not fit {model_name}",
                      rename=lambda key: source_name.get(key, rename_key(key, table, inverse=True)))

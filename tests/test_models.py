@@ -48,7 +48,7 @@ def test_backbone_matches_torchvision_names_and_shapes(name, output_stride):
 def test_model_names_cover_every_head_and_backbone():
     assert set(models.BACKBONES) == set(TORCHVISION_NAMES) | set(TINY_BACKBONES) | set(DEEP_STEM_BACKBONES)
     assert models.MODEL_NAMES == sorted(models.MODEL_NAMES)
-    assert len(models.MODEL_NAMES) == len(models.HEADS) * len(models.BACKBONES)
+    assert len(models.MODEL_NAMES) == len(models.HEADS) * len(models.BACKBONES) + len(models.ESPNETS)
 
 
 def expected_size(name, input_size, output_stride):
@@ -71,7 +71,7 @@ def test_forward_shapes_of_demo_models(head, backbone, output_stride):
     assert (model.num_classes, model.output_stride) == (5, output_stride)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", [n for n in models.MODEL_NAMES if n not in models.ESPNETS])
 def test_every_model_builds_with_documented_attributes(name):
     with torch.device("meta"):  # shapes only, no memory and no init time: ResNet-101 builds in ms
         model = models.build_model(name, num_classes=3)
@@ -222,9 +222,10 @@ def test_torchvision_deeplabv3_keys_and_shapes_are_torchvision_s(name):
 
 
 # A few keys and shapes read off each source's code (mmseg configs: R50/101 channels 512, aux 256;
-# R18 channels 128, aux 64, c1_channels 12; CIRKD: stem 3->64->64->128, heads 256 (R18: 128) in
-# its 2022 code, 512 in its 2025 code), so that the
-# tables are checked against the sources and not only against themselves. 19 classes.
+# R18 channels 128, aux 64; CIRKD: stem 3->64->64->128, heads 256 (R18: 128) in its 2022 code, 512
+# in its 2025 code), so that the tables are checked against the sources and not only against
+# themselves. 19 classes. mmsegmentation's DeepLabV3+, whose head kd-seg once read wrongly from
+# this very kind of belief, is checked whole against mmseg's own classes below (MMSEG_KEYS_JSON).
 SOURCE_SHAPES = {
     "pspnet_resnet101_v1c": {"backbone.stem.0.weight": [32, 3, 3, 3], "backbone.stem.3.weight": [32, 32, 3, 3],
                              "backbone.stem.6.weight": [64, 32, 3, 3], "backbone.stem.7.running_var": [64],
@@ -243,16 +244,6 @@ SOURCE_SHAPES = {
                                 "decode_head.aspp_modules.3.conv.weight": [512, 2048, 3, 3],
                                 "decode_head.bottleneck.conv.weight": [512, 2560, 3, 3],
                                 "decode_head.bottleneck.bn.num_batches_tracked": []},
-    "deeplabv3plus_resnet101_v1c": {"decode_head.aspp_modules.0.conv.weight": [512, 2048, 1, 1],
-                                    "decode_head.aspp_modules.1.depthwise_conv.conv.weight": [2048, 1, 3, 3],
-                                    "decode_head.aspp_modules.1.pointwise_conv.bn.weight": [512],
-                                    "decode_head.bottleneck.depthwise_conv.conv.weight": [2560, 1, 3, 3],
-                                    "decode_head.bottleneck.pointwise_conv.conv.weight": [512, 2560, 1, 1],
-                                    "decode_head.c1_bottleneck.conv.weight": [48, 256, 1, 1],
-                                    "decode_head.sep_bottleneck.0.depthwise_conv.conv.weight": [560, 1, 3, 3],
-                                    "decode_head.sep_bottleneck.1.pointwise_conv.conv.weight": [512, 512, 1, 1]},
-    "deeplabv3plus_resnet18_v1c": {"decode_head.c1_bottleneck.conv.weight": [12, 64, 1, 1],
-                                   "decode_head.sep_bottleneck.0.pointwise_conv.conv.weight": [128, 140, 1, 1]},
     "deeplabv3_resnet101_v1s": {"head.aspp.b0.0.weight": [256, 2048, 1, 1], "head.aspp.project.0.weight": [256, 1280, 1, 1],
                                 "head.block.0.weight": [256, 256, 3, 3], "head.block.4.weight": [19, 256, 1, 1],
                                 "auxlayer.block.0.weight": [256, 1024, 3, 3]},
@@ -279,6 +270,27 @@ def test_published_tables_give_the_sources_key_names_and_shapes(name):
     source = {k: list(v.shape) for k, v in models.rename_keys(state, PUBLISHED[name], inverse=True).items()}
     assert {k: source.get(k) for k in SOURCE_SHAPES[name]} == SOURCE_SHAPES[name]
     assert len(source) == len(state)  # no two keys renamed onto one
+
+
+# Every key and shape of four mmsegmentation 1.2.2 models as mmseg's own classes build them
+# (MODELS.build on its shipped r18-d8 / r50-d8 Cityscapes configs, BN for SyncBN; the "source"
+# line of the file), not as anyone believes they are: DeepLabV3+'s `bottleneck` is ASPPHead's plain
+# 3x3 ConvModule, only the dilated ASPP branches and `sep_bottleneck` are depthwise-separable.
+MMSEG_KEYS_JSON = Path(__file__).resolve().parent / "mmseg_keys.json"
+
+
+@pytest.mark.parametrize("source, name", [("deeplabv3plus_r18_d8", "deeplabv3plus_resnet18_v1c"),
+                                          ("deeplabv3plus_r50_d8", "deeplabv3plus_resnet50_v1c"),
+                                          ("pspnet_r18_d8", "pspnet_resnet18_v1c"),
+                                          ("deeplabv3_r18_d8", "deeplabv3_resnet18_v1c")])
+def test_mmseg_tables_give_mmsegmentations_own_keys_and_shapes(source, name):
+    expected = json.loads(MMSEG_KEYS_JSON.read_text())["models"][source]
+    with torch.device("meta"):
+        state = models.build_model(name, 19, aux=True).state_dict()
+    ours = {k: list(v.shape) for k, v in models.rename_keys(state, PUBLISHED[name], inverse=True).items()}
+    assert ours == expected
+    with torch.device("meta"):   # recognised from mmseg's own keys and shapes
+        assert models.published_layout({k: torch.empty(v) for k, v in expected.items()})[0] == name
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
@@ -435,7 +447,7 @@ def mmseg_aspp_head_ref(x, s, low_level=None):
     branches += [conv_module_ref(x, s, f"{d}.aspp_modules.0")]
     for i, rate in [(1, 12), (2, 24), (3, 36)]:
         branches += [(separable_ref if separable else conv_module_ref)(x, s, f"{d}.aspp_modules.{i}", rate)]
-    y = (separable_ref if separable else conv_module_ref)(torch.cat(branches, 1), s, f"{d}.bottleneck")  # no projection
+    y = conv_module_ref(torch.cat(branches, 1), s, f"{d}.bottleneck")  # plain 3x3, no projection
     if separable:
         c1 = conv_module_ref(low_level, s, f"{d}.c1_bottleneck")
         y = F.interpolate(y, size=c1.shape[-2:], mode="bilinear", align_corners=False)
@@ -548,3 +560,148 @@ def test_torchvision_deeplabv3_matches_torchvision_itself():
     for key in ("out", "aux"):
         upsampled = F.interpolate(outputs[key], size=(17, 17), mode="bilinear", align_corners=False)
         assert torch.equal(upsampled, expected[key])
+
+
+# ----------------------------------------------------------------------------------------------
+# ESPNet and ESPNet-C (Mehta et al. 2018), SKD's CamVid students.
+SKD_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skd_camvid"
+SKD_FILES = sorted(str(p.relative_to(SKD_CAMVID)) for p in SKD_CAMVID.glob("*/*.pth"))
+needs_skd = pytest.mark.skipif(not SKD_FILES, reason=f"SKD's published CamVid students not found in {SKD_CAMVID} "
+                                                     "(the shared/ folder sits beside the repository)")
+
+
+@pytest.mark.parametrize("name, classes, size, out_size", [
+    ("espnet_c", 3, (64, 64), (8, 8)), ("espnet_c", 11, (60, 70), (8, 9)),   # 1/8, rounded up
+    ("espnet", 5, (64, 64), (64, 64)), ("espnet", 11, (60, 70), (60, 70))])  # full size, any size
+def test_espnet_outputs_and_attributes(name, classes, size, out_size):
+    model = models.build_model(name, classes).train()
+    outputs = model(torch.randn(2, 3, *size))
+    assert set(outputs) == {"out", "feat"}
+    assert outputs["out"].shape == (2, classes, *out_size)
+    assert outputs["feat"].shape == (2, 256, -(-size[0] // 8), -(-size[1] // 8))   # 1/8 in both
+    assert (model.num_classes, model.output_stride, model.feat_channels, model.align_corners) == (classes, 8, 256, True)
+    assert model.name == name and not any(k.startswith("input_transform") for k in model.state_dict())
+    outputs["out"].mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="espnet", num_classes=4), "at least 5 classes"),
+    (dict(name="espnet_c", num_classes=11, output_stride=16), "output stride 8"),
+    (dict(name="espnet_c", num_classes=11, pretrained="x.pth"), "no ImageNet weights"),
+    (dict(name="espnet", num_classes=11, aux=True), "no auxiliary head")])
+def test_espnet_options_it_does_not_have_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        models.build_model(**kwargs)
+
+
+def test_espnet_takes_skd_camvid_input_converted_from_kd_seg_s():
+    # SKD's CamVidLight: OpenCV's BGR image in 0-255, minus CamVid's mean, over its std (B, G, R)
+    import datasets
+    pixels = torch.randint(0, 256, (1, 3, 4, 5)).float()  # RGB, 0-255
+    normalised = (pixels / 255 - torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (pixels[:, [2, 1, 0]] - torch.tensor([73.18188461, 82.93553322, 72.41519599]).view(1, 3, 1, 1)) \
+        / torch.tensor([45.3199, 46.1528, 44.9148]).view(1, 3, 1, 1)
+    for name in models.ESPNETS:
+        torch.testing.assert_close(models.build_model(name, 11).input_transform(normalised), expected,
+                                   rtol=0, atol=1e-4)
+
+
+def espnet_reference(x, s, decoder):
+    """SKD's official ESPNet / ESPNet-C forward (network/ESPnet.py, cvpr_19), restated as plain
+    functions of the state_dict: the check that kd-seg's modules compute the same thing."""
+    def conv(y, key, stride=1, dilation=1):
+        w = s[key + ".weight"]
+        return F.conv2d(y, w, stride=stride, padding=(w.shape[-1] - 1) // 2 * dilation, dilation=dilation)
+
+    def br(y, key):   # BatchNorm eps 1e-3, then PReLU
+        y = F.batch_norm(y, s[key + ".running_mean"], s[key + ".running_var"], s[key + ".weight"],
+                         s[key + ".bias"], eps=1e-3)
+        return F.prelu(y, s[key.rsplit(".", 1)[0] + ".act.weight"]) if key.endswith(".bn") else y
+
+    def esp(y, key, down=False, add=True):
+        out1 = conv(y, key + ".c1.conv", stride=2 if down else 1)
+        d = [conv(out1, f"{key}.d{r}.conv", dilation=r) for r in (1, 2, 4, 8, 16)]
+        combine = torch.cat([d[0], d[1], d[1] + d[2], d[1] + d[2] + d[3], d[1] + d[2] + d[3] + d[4]], 1)
+        if down:
+            return br(combine, key + ".bn")
+        return br(y + combine if add else combine, key + ".bn.bn")
+
+    inp1 = F.avg_pool2d(x, 3, 2, 1)
+    inp2 = F.avg_pool2d(inp1, 3, 2, 1)
+    output0_cat = br(torch.cat([br(conv(x, "level1.conv", stride=2), "level1.bn"), inp1], 1), "b1.bn")
+    output1_0 = output1 = esp(output0_cat, "level2_0", down=True)
+    for i in range(2):
+        output1 = esp(output1, f"level2.{i}")
+    output1_cat = br(torch.cat([output1, output1_0, inp2], 1), "b2.bn")
+    output2_0 = output2 = esp(output1_cat, "level3_0", down=True)
+    for i in range(8):
+        output2 = esp(output2, f"level3.{i}")
+    output2_cat = br(torch.cat([output2_0, output2], 1), "b3.bn")
+    if not decoder:
+        return conv(output2_cat, "classifier.conv")
+    out = conv(output2_cat, "classifier_1.conv")
+    output2_c = F.conv_transpose2d(br(out, "br"), s["up_l3.0.weight"], stride=2)
+    comb = esp(br(torch.cat([conv(output1_cat, "level3_C.conv"), output2_c], 1), "combine_l2_l3.0.bn"),
+               "combine_l2_l3.1", add=False)
+    comb = br(F.conv_transpose2d(comb, s["up_l2.0.weight"], stride=2), "up_l2.1.bn")
+    concat = br(conv(torch.cat([comb, output0_cat], 1), "conv.conv"), "conv.bn")
+    return F.conv_transpose2d(concat, s["classifier.weight"], stride=2)
+
+
+@needs_skd
+@pytest.mark.parametrize("path", SKD_FILES)
+def test_skd_published_espnets_load_and_compute_the_official_forward(path):
+    # Each of SKD's ten CamVid students (with or without DataParallel's `module.` prefix) is
+    # recognised from its keys and loaded strictly; on an image it gives the official forward's logits.
+    import datasets
+    model = models.load_published(SKD_CAMVID / path)
+    assert (model.name, model.num_classes) == ("espnet" if path.startswith("ESP/") else "espnet_c", 11)
+    state = {k.removeprefix("module."): v for k, v in
+             torch.load(SKD_CAMVID / path, map_location="cpu", weights_only=True).items()}
+    pixels = torch.randint(0, 256, (1, 3, 48, 64), generator=torch.Generator().manual_seed(0)).float()
+    kd_seg_input = (pixels / 255 - torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    official_input = (pixels[:, [2, 1, 0]] - torch.tensor(models.CAMVID_BGR_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(models.CAMVID_BGR_STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = espnet_reference(official_input, state, decoder=model.name == "espnet")
+        torch.testing.assert_close(model(kd_seg_input)["out"], expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_skd
+def test_espnet_file_with_other_depths_or_without_classifier_is_refused(tmp_path):
+    state = torch.load(SKD_CAMVID / "esp-c/BASE56.7.pth", map_location="cpu", weights_only=True)
+    fewer = {k: v for k, v in state.items() if not k.startswith("level3.7.")}
+    with pytest.raises(ValueError, match="p = 2, q = 7"):
+        models.load_published(fewer)
+    broken = {k: v for k, v in state.items() if k != "b2.act.weight"}
+    with pytest.raises(ValueError, match=r"missing 1 \(b2.act.weight\)"):
+        models.load_published(broken)
+
+
+def test_espnet_costs_as_the_paper_reports():
+    # ESPNet (p = 2, q = 8): 0.35 M parameters, 1.31 GMACs at 360x480 (the CamVid issue's figures)
+    import eval as evaluation
+    with torch.device("meta"):
+        espnet = models.build_model("espnet", 11)
+    assert round(evaluation.count_params(espnet) / 1e6, 2) == 0.35
+    assert round(evaluation.count_gmacs(espnet, (360, 480)), 2) == 1.31
+
+
+def test_checkpoints_without_num_batches_tracked_load(tmp_path):
+    # Files saved by torch before 0.4.1 have no BatchNorm num_batches_tracked (CIRKD's
+    # resnet101-imagenet.pth among them): torch accepts them, and so does kd-seg; any other missing
+    # key is still refused.
+    backbone_state = {k: v for k, v in models.build_backbone("resnet18_v1s").state_dict().items()
+                      if not k.endswith("num_batches_tracked")}
+    torch.save(backbone_state, tmp_path / "old_imagenet.pth")
+    models.build_model("deeplabv3_resnet18_v1s", 4, pretrained=tmp_path / "old_imagenet.pth")
+    _, state = random_model("deeplabv3_resnet18_v1s", 4)
+    source = {k: v for k, v in models.rename_keys(state, PUBLISHED["deeplabv3_resnet18_v1s"], inverse=True).items()
+              if not k.endswith("num_batches_tracked")}
+    models.load_published(source)
+    del source["head.block.0.weight"]
+    with pytest.raises(ValueError, match=r"missing 1 \(head.block.0.weight\)"):
+        models.load_published(source)
