@@ -100,7 +100,7 @@ def format_table(metrics, class_names):
     lines = [f"{'class':<{width}}  IoU"]
     for name, iou in zip(class_names, metrics["iou"]):
         lines.append(f"{name:<{width}}  {'-' if iou is None else f'{100 * iou:5.1f}'}")
-    lines.append(f"{'mIoU':<{width}}  {100 * metrics['miou']:5.1f}")
+    lines.append(f"{'mIoU':<{width}}  {100 * metrics['miou']:5.2f}")  # 2 decimals: to compare with papers
     lines.append(f"{'pixel acc':<{width}}  {100 * metrics['acc']:5.1f}")
     return "\n".join(lines)
 
@@ -670,6 +670,15 @@ def main(args):
         if ckpt and dataset.num_classes != model.num_classes:
             raise ValueError(f"{args.checkpoint}: checkpoint has {model.num_classes} classes, its "
                              f"dataset {ckpt['args']['dataset']} has {dataset.num_classes}")
+        if not ckpt:  # a published file names no dataset: class ids as names, generated colours
+            dataset.class_names = [str(c) for c in range(model.num_classes)]
+            dataset.num_classes, dataset.palette = model.num_classes, datasets.generated_palette(model.num_classes)
+    if args.window and min(args.window) < 2 * model.output_stride:
+        # a window the network's coarsest feature map would cover with a single cell: it runs,
+        # and its scores are garbage
+        raise ValueError(f"--window {args.window[0]} {args.window[1]}: smaller than the network takes; its "
+                         f"output stride is {model.output_stride}, so each side must be at least "
+                         f"{2 * model.output_stride}")
     if dataset is not None:  # before any work: an empty split, a broken file, NaN weights
         if len(dataset) == 0:
             raise ValueError(f"--split '{args.split}' of {args.data_root} holds no images")

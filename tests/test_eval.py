@@ -454,3 +454,78 @@ def test_published_checkpoint_evaluates_and_teaches(data_root, tmp_path):
     train.train(train_args(data_root, tmp_path / "student", "--teacher-checkpoint", tmp_path / "cirkd.pth",
                            "--kd", "pixel=1", iters=2, model="pspnet_resnet18_micro"))
     assert (tmp_path / "student" / "checkpoint.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data: CamVid and SKD's published CamVid students (../shared/data, which CI has).
+SHARED_DATA = REPO.parent / "shared" / "data"
+CAMVID, SKD_CAMVID = SHARED_DATA / "CamVid", SHARED_DATA / "skd_camvid"
+needs_camvid = pytest.mark.skipif(not (CAMVID / "test").is_dir() or not SKD_CAMVID.is_dir(),
+                                  reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA} "
+                                         "(the shared/ folder sits beside the repository)")
+
+
+@needs_camvid
+@pytest.mark.parametrize("file, official", [("ESP/SD+KD+CITY_65.1.pth", 65.13), ("esp-c/BASE56.7.pth", 56.75)])
+def test_skd_published_camvid_student_scores_its_published_miou(file, official, tmp_path):
+    # The README's command on the whole 233-image test split. `official`: SKD's own model code and
+    # eval_esp.py protocol on the same files and images (2 decimals); kd-seg must agree to 0.05.
+    r = run_cli("eval.py", "--checkpoint", SKD_CAMVID / file, "--dataset", "camvid", "--data-root", CAMVID,
+                "--split", "test", "--device", "cpu", "--json", tmp_path / "result.json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    miou = 100 * json.loads((tmp_path / "result.json").read_text())["metrics"]["miou"]
+    assert abs(miou - official) < 0.05, miou
+    assert f"mIoU        {miou:.2f}" in r.stdout and "Bicyclist" in r.stdout
+
+
+@needs_camvid
+def test_camvid_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    espnet = SKD_CAMVID / "ESP" / "base_57.8.pth"
+    result = tmp_path / "result.json"
+    # a CamVid root in another layout: no test/ folder
+    other = tmp_path / "not_camvid"
+    (other / "images").mkdir(parents=True)
+    code, err = eval_main(capsys, "--checkpoint", espnet, "--dataset", "camvid", "--data-root", other,
+                          "--split", "test", "--device", "cpu", "--json", result)
+    assert code == 2 and "CamVid split 'test'" in err and str(other) in err, err
+    # labels missing beside the images
+    (other / "test").mkdir()
+    shutil.copy(CAMVID / "test" / "0001TP_008550.png", other / "test")
+    code, err = eval_main(capsys, "--checkpoint", espnet, "--dataset", "camvid", "--data-root", other,
+                          "--split", "test", "--device", "cpu", "--json", result)
+    assert code == 2 and "testannot" in err and "0001TP_008550.png" in err, err
+    # a truncated file
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(espnet.read_bytes()[:100_000])
+    code, err = eval_main(capsys, "--checkpoint", truncated, "--dataset", "camvid", "--data-root", CAMVID,
+                          "--split", "test", "--device", "cpu", "--json", result)
+    assert code == 2 and "truncated.pth" in err and len(err.strip().splitlines()) == 1, err
+    # a window the network cannot take (it ran and scored garbage, exit 0)
+    code, err = eval_main(capsys, "--checkpoint", espnet, "--dataset", "camvid", "--data-root", CAMVID,
+                          "--split", "test", "--device", "cpu", "--window", "1", "1", "--json", result)
+    assert code == 2 and "--window 1 1" in err and "at least 16" in err, err
+    assert not result.exists()
+
+
+@needs_camvid
+def test_espnet_class_count_other_than_the_datasets_is_refused(data_root, capsys):
+    code, err = eval_main(capsys, "--checkpoint", SKD_CAMVID / "esp-c" / "KD58.7.pth", "--data-root", data_root,
+                          "--device", "cpu")
+    assert code == 2 and "checkpoint has 11 classes, the dataset has 8" in err, err
+
+
+@needs_camvid
+def test_published_teacher_pseudo_labels_a_folder(tmp_path, capsys):
+    # Zhu et al.'s offline labels from a published file (which names no dataset): class ids, with
+    # generated colours for the pictures
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("0001TP_008550.png", "0001TP_008580.png"):
+        shutil.copy(CAMVID / "test" / name, folder)
+    code, err = eval_main(capsys, "--checkpoint", SKD_CAMVID / "esp-c" / "KD58.7.pth", "--dataset", "folder",
+                          "--data-root", folder, "--save-pred", tmp_path / "pseudo", "--threshold", 0.5,
+                          "--device", "cpu")
+    assert code == 0, err
+    labels = [np.array(Image.open(tmp_path / "pseudo" / n)) for n in ("0001TP_008550.png", "0001TP_008580.png")]
+    assert all(label.shape == (360, 480) and set(np.unique(label)) <= set(range(11)) | {255} for label in labels)
+    assert (tmp_path / "pseudo" / "color" / "0001TP_008550.png").is_file()
