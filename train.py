@@ -78,8 +78,11 @@ def get_args_parser():
     g.add_argument("--accumulate", type=int, default=1, metavar="K",
                    help="gradient accumulation: K batches per optimiser step (effective batch: "
                         "batch-size x processes x K), for papers' batches that do not fit memory")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                   help="SGD with momentum (the DeepLab / PSPNet papers); Adam (ESPNet's own training, "
+                        "and small networks from scratch)")
     g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Adam: its default betas)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/iters)^power")
     g.add_argument("--seed", type=int, default=0)
@@ -391,7 +394,9 @@ def resumed_args(args, given=None):
         raise ValueError("--resume continues the saved run; these options differ from it: "
                          + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (saved {saved.get(k)})"
                                      for k in differ) + "; start a new --out to change them")
-    merged = {**saved, "resume": True, "out": args.out, "stop_at": args.stop_at}
+    # options added since the run started take their defaults (a run keeps the schedule it had)
+    merged = {**vars(get_args_parser().parse_args([])), **saved, "resume": True, "out": args.out,
+              "stop_at": args.stop_at}
     merged.update({k: getattr(args, k) for k in given & {"iters", "device", "workers"}})
     return argparse.Namespace(**merged)
 
@@ -512,8 +517,10 @@ def run(args, weights, rank, world, resume_from):
         model = torch.nn.parallel.DistributedDataParallel(student)  # the teacher is never wrapped
 
     params = list(student.parameters()) + (list(distiller.student_side_parameters()) if distiller else [])
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    if args.optimizer == "adam":  # ESPNet's train/main.py: Adam, betas (0.9, 0.999), L2 weight decay
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     poly = lambda step: (1 - step / args.iters) ** args.poly_power
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
     d_optimizer = d_scheduler = None

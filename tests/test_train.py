@@ -468,3 +468,50 @@ def test_read_only_folder_is_one_line(data_root, tmp_path, capsys):
     finally:
         locked.chmod(0o755)
     assert code == 2 and str(locked) in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data: CamVid, SKD's published ESPNets as teachers (../shared/data, which CI has).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CAMVID, SKD_CAMVID = SHARED_DATA / "CamVid", SHARED_DATA / "skd_camvid"
+
+
+@pytest.mark.skipif(not (CAMVID / "train").is_dir() or not SKD_CAMVID.is_dir(),
+                    reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
+@pytest.mark.parametrize("student, terms", [
+    ("espnet_c", ["--kd", "pixel=1,consistency=1,pairwise=0.5,holistic=0.1,imitation=0.01,cwd=3,cwd_feat=50,"
+                  "unlabeled=1", "--imitation-warmup", "0"]),
+    ("espnet", ["--kd", "mgd_pixel=1,mgd_image=0.001,mgd_region=100"])])
+def test_espnet_students_distil_every_term_from_skd_published_espnets_on_camvid(student, terms, tmp_path):
+    # every term through ESPNet's 256-channel 1/8 feature (pair-wise, FGFI, CWD features, MGD
+    # region), real images, SKD's ESPNet 65.1 as T_D and its ESPNet-C 64.1 as T_W
+    out = tmp_path / student
+    argv = ["--dataset", "camvid", "--data-root", CAMVID, "--model", student, "--out", out, "--iters", 3,
+            "--batch-size", 2, "--crop-size", 64, 96, "--val-split", "", "--device", "cpu", "--log-every", 1,
+            "--lr", 0.01, "--teacher-checkpoint", SKD_CAMVID / "ESP" / "SD+KD+CITY_65.1.pth",
+            "--wide-teacher-checkpoint", SKD_CAMVID / "esp-c" / "KD+CITY+SD_64.1.pth",
+            "--unlabeled-root", CAMVID / "val", *terms]
+    train.train(train.get_args_parser().parse_args(list(map(str, argv))))
+    log = read_log(out)
+    assert len(log) == 3 and all(math.isfinite(v) for row in log for k, v in row.items() if k != "iter")
+    expected = {"ce", "pixel", "consistency", "pairwise", "holistic", "imitation", "cwd", "cwd_feat", "u_ce"} \
+        if student == "espnet_c" else {"ce", "mgd_pixel", "u_mgd_pixel", "mgd_image", "mgd_region"}
+    assert expected <= set(log[0])
+    # the trained ESPNet is a kd-seg checkpoint that teaches in turn
+    train.train(train.get_args_parser().parse_args(list(map(str, [
+        "--dataset", "camvid", "--data-root", CAMVID, "--model", "espnet_c", "--out", tmp_path / "next", "--iters", 1,
+        "--batch-size", 2, "--crop-size", 64, 96, "--val-split", "", "--device", "cpu",
+        "--teacher-checkpoint", out / "checkpoint.pt", "--kd", "pixel=1,pairwise=0.5"]))))
+    assert (tmp_path / "next" / "checkpoint.pt").is_file()
+
+
+def test_adam_optimizer_trains_and_resumes(data_root, tmp_path):
+    # ESPNet's own training uses Adam; its state is saved and resumed like SGD's
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = ["--optimizer", "adam", "--lr", 0.005, "--weight-decay", 5e-4]
+    train.train(train_args(data_root, straight, *flags, iters=4, model="espnet_c"))
+    train.train(train_args(data_root, resumed, *flags, "--stop-at", 2, iters=4, model="espnet_c"))
+    train.train(train.get_args_parser().parse_args(["--out", str(resumed), "--resume"]))
+    a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (straight, resumed))
+    assert "exp_avg" in a["optimizer"]["state"][0] and a["args"]["optimizer"] == "adam"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
