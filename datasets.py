@@ -8,7 +8,7 @@ What is in this file, top to bottom:
   4. SegmentationFolder, the one dataset class every layout goes through
   5. the on-disk layouts (voc, cityscapes, pascal_context, camvid, ade20k, folder, synthetic)
      and build_dataset
-  6. the synthetic benchmark: make_synthetic
+  6. the synthetic benchmark: make_synthetic; a downscaled CamVid copy: make_camvid_small
   7. Zhu et al. 2020 centroid sampling: compute_centroids, CentroidSampler, ConcatSegmentation
   8. MGD CutMix: sample_cutmix_boxes, cutmix_box_masks
 
@@ -952,6 +952,41 @@ def make_synthetic(root, seed=0, image_size=64, counts=None, **knobs):
             label_path = os.path.join(root, "labels", split, sample_id + ".png")
             label_to_pil(label, SYNTHETIC_PALETTE).save(label_path)
         _write_text_atomic(os.path.join(root, split + ".txt"), "".join(i + "\n" for i in ids))
+    _write_text_atomic(done_path, json.dumps(settings, indent=2) + "\n")
+    return root
+
+
+def make_camvid_small(source_root, root, size=(180, 240)):
+    """A downscaled copy of the CamVid tree at `source_root` under `root`, once; returns root.
+
+    The same layout (root/<split>/<name>.png, root/<split>annot/<name>.png, every split of the
+    source), each image resized to `size` (height, width) bilinearly (PIL: antialiased when
+    shrinking) and each label with NEAREST, its raw ids kept (11 stays void). kd_seg.py's CPU-scale
+    CamVid setting trains and evaluates on it: a quarter of the pixels to decode, push through the
+    networks and score. root/DONE (source and size) is written last, as for make_synthetic.
+    """
+    settings = {"version": 1, "source": os.path.abspath(source_root), "size": list(size)}
+    done_path = os.path.join(root, "DONE")
+    try:
+        with open(done_path) as file:
+            if json.load(file) == settings:
+                return root
+    except (OSError, ValueError):  # no DONE (or an unreadable one): write it all
+        pass
+    splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(source_root, s))]
+    if not splits:
+        raise FileNotFoundError(f"CamVid not found at {source_root}: expected train/, val/ and test/ with "
+                                "trainannot/, valannot/ and testannot/ (DATASETS.md)")
+    height, width = size
+    for split in splits:
+        images, labels, _ = _camvid_files(source_root, split)
+        for folder in (split, split + "annot"):
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+        for image_path, label_path in zip(images, labels):
+            name = os.path.basename(image_path)
+            read_image(image_path).resize((width, height), Image.BILINEAR).save(os.path.join(root, split, name))
+            raw = Image.fromarray(read_label_png(label_path))
+            raw.resize((width, height), Image.NEAREST).save(os.path.join(root, split + "annot", name))
     _write_text_atomic(done_path, json.dumps(settings, indent=2) + "\n")
     return root
 
