@@ -956,16 +956,17 @@ def make_synthetic(root, seed=0, image_size=64, counts=None, **knobs):
     return root
 
 
-def make_camvid_small(source_root, root, size=(180, 240)):
+def make_camvid_small(source_root, root, size=(180, 240), count=None):
     """A downscaled copy of the CamVid tree at `source_root` under `root`, once; returns root.
 
     The same layout (root/<split>/<name>.png, root/<split>annot/<name>.png, every split of the
     source), each image resized to `size` (height, width) bilinearly (PIL: antialiased when
     shrinking) and each label with NEAREST, its raw ids kept (11 stays void). kd_seg.py's CPU-scale
     CamVid setting trains and evaluates on it: a quarter of the pixels to decode, push through the
-    networks and score. root/DONE (source and size) is written last, as for make_synthetic.
+    networks and score. `count`: only the first images of each split (smoke runs). root/DONE
+    (source, size, count) is written last, as for make_synthetic.
     """
-    settings = {"version": 1, "source": os.path.abspath(source_root), "size": list(size)}
+    settings = {"version": 1, "source": os.path.abspath(source_root), "size": list(size), "count": count}
     done_path = os.path.join(root, "DONE")
     try:
         with open(done_path) as file:
@@ -980,6 +981,7 @@ def make_camvid_small(source_root, root, size=(180, 240)):
     height, width = size
     for split in splits:
         images, labels, _ = _camvid_files(source_root, split)
+        images, labels = images[:count], labels[:count]
         for folder in (split, split + "annot"):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         for image_path, label_path in zip(images, labels):

@@ -568,3 +568,28 @@ def test_cutmix_boxes_and_masks():
     for index, (top, left, bottom, right) in ((i, b) for i in range(200) for b in boxes[i].tolist()):
         covered[index, top:bottom, left:right] += 1
     assert (covered == 2).any() and torch.equal(masks, covered % 2)
+
+
+def test_make_camvid_small_keeps_the_layout_and_raw_ids(tmp_path):
+    source = tmp_path / "CamVid"
+    for split, count in (("train", 3), ("val", 1), ("test", 2)):
+        for i in range(count):
+            (source / split).mkdir(parents=True, exist_ok=True)
+            (source / f"{split}annot").mkdir(exist_ok=True)
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (36, 48, 3), dtype=np.uint8)).save(
+                source / split / f"f{i}.png")
+            label = np.kron(np.array([[0, 3], [8, 11]], np.uint8), np.ones((18, 24), np.uint8))  # 11: void
+            Image.fromarray(label).save(source / f"{split}annot" / f"f{i}.png")
+    small = tmp_path / "small"
+    datasets.make_camvid_small(source, small, size=(18, 24), count=2)
+    assert sorted(p.name for p in (small / "train").iterdir()) == ["f0.png", "f1.png"]
+    label = np.array(Image.open(small / "trainannot" / "f0.png"))
+    assert label.shape == (18, 24) and set(np.unique(label)) == {0, 3, 8, 11}   # nearest: no blends
+    test = datasets.build_dataset("camvid", small, "test")
+    image, target = test[0]
+    assert image.shape == (3, 18, 24) and set(target.unique().tolist()) == {0, 3, 8, 255}
+    stamp = (small / "DONE").stat().st_mtime_ns
+    datasets.make_camvid_small(source, small, size=(18, 24), count=2)   # done: nothing rewritten
+    assert (small / "DONE").stat().st_mtime_ns == stamp
+    with pytest.raises(FileNotFoundError, match="CamVid not found"):
+        datasets.make_camvid_small(tmp_path / "nothing", tmp_path / "x")
