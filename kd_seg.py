@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import datasets
 import eval as evaluation
@@ -55,6 +55,9 @@ import train
 # Rows with identical flags in a setting share one run per seed.
 ROWS = {
     "baseline":      ("-", "student alone", []),
+    # a setting with `partition_rows` trains those rows on a labeled partition of the train split
+    # (the rest: their unlabeled images) and measures them against this second baseline
+    "partition_baseline": ("-", "student alone, on the labeled partition", []),
     "xie_lp":        ("Xie 2018", "+L_p", ["--kd", "pixel=1"]),
     "xie_lp_lc":     ("Xie 2018", "+L_p+L_c", ["--kd", "pixel=1,consistency=1"]),
     "xie_unlabeled": ("Xie 2018", "+L_p+L_c+unlabeled",
@@ -88,7 +91,8 @@ DEMO_FLAGS = ["--output-stride", "16", "--crop-size", "48", "48", "--batch-size"
 DEMO = {
     "name": "demo", "paper": "every paper's rows, at CPU scale", "dataset": "synthetic",
     "teacher": TEACHER, "wide_teacher": WIDE_TEACHER, "student": STUDENT,
-    "rows": [row for row in ROWS if row != "zhu_c2f"],   # `--rows zhu,zhu_c2f` compares the two
+    # `--rows zhu,zhu_c2f` compares the two; every row trains on every labeled image
+    "rows": [row for row in ROWS if row not in ("zhu_c2f", "partition_baseline")],
     "flags": DEMO_FLAGS, "iters": 200, "teacher_iters": 600, "seeds": [0, 1, 2, 3, 4],
     "eval": ["--split", "test", "--batch-size", "16", "--device", "cpu"], "fps_size": (512, 512),
     "imagenet": False,
@@ -177,8 +181,78 @@ RECIPES = {
         "reported": {"teacher": 78.07, "baseline": 74.21, "cwd": 75.55},   # CIRKD's README
     },
 }
+# CamVid (the 480x360 SegNet layout) with SKD's published CamVid students as teachers, found beside
+# the data root as ../shared/data lays them out (data/README.md) or given by --teacher-checkpoint /
+# --wide-teacher-checkpoint. Their own test mIoU at 360x480: ESPNet 65.13, ESPNet-C 64.13.
+SKD_CAMVID_FILES = {"teacher": "skd_camvid/ESP/SD+KD+CITY_65.1.pth",
+                    "wide_teacher": "skd_camvid/esp-c/KD+CITY+SD_64.1.pth"}
+SKD_CAMVID_SOURCE = ("github.com/irfanICMLL/structure_knowledge_distillation, branch cvpr_19, "
+                     "checkpoint/Camvid")
+# The CPU-scale real-data setting: every paper's rows on CamVid in at most an hour on 2 cores (README,
+# "CamVid"). Every choice below was made on the val split (README "tuning the CamVid setting"):
+# a downscaled copy at 180x240 (a quarter of the pixels; SKD's ESPNet still scores 74.3 val there);
+# ESPNet-C with p = 1, q = 2 as the student (0.145 M parameters, 2.4x fewer than the teacher, and the
+# fastest learner per second of the small networks tried); 96x96 crops, batch 8, Adam lr 5e-3 (poly),
+# weight decay 5e-4 (ESPNet's own optimiser; SGD learned slower from scratch); the semi-supervised
+# rows on a 1/8 partition (45 labeled images, the other 322 unlabeled).
+CAMVID_FLAGS = ["--crop-size", "96", "96", "--batch-size", "8", "--optimizer", "adam", "--lr", "5e-3",
+                "--weight-decay", "5e-4", "--scale-range", "0.75", "1.5", "--channels-last", "--device", "cpu",
+                "--val-split", ""]
+RECIPES["camvid"] = {
+    "paper": "every paper's rows on real images (CamVid), at CPU scale", "dataset": "camvid", "cpu": True,
+    "teacher": "espnet", "wide_teacher": "espnet_c", "student": "espnet_c_p1q2", "teacher_files": SKD_CAMVID_FILES,
+    "downscale": [180, 240], "partition": 8, "partition_rows": ["xie_unlabeled", "zhu", "mgd"],
+    "rows": ["baseline", "xie_lp", "xie_lp_lc", "skd_pi", "skd_pi_pa", "skd_pi_pa_ho", "fgfi", "cwd",
+             "partition_baseline", "xie_unlabeled", "zhu", "mgd"],
+    "flags": CAMVID_FLAGS, "iters": 1000, "teacher_iters": 0, "seeds": [0, 1, 2, 3, 4], "imagenet": False,
+    "eval": ["--split", "test", "--batch-size", "8", "--device", "cpu"], "fps_size": (180, 240),
+    # as the demo (README "tuning the demo"): SKD's pixel weight 1 (so skd_pi is the run of xie_lp),
+    # a discriminator of width 16, FGFI's warm-up at 10%, 4 unlabeled images per step beside the 8
+    "overrides": {
+        "skd_pi": ["--kd", "pixel=1"],
+        "skd_pi_pa": ["--kd", "pixel=1,pairwise=0.5"],
+        "skd_pi_pa_ho": ["--kd", "pixel=1,pairwise=0.5,holistic=0.1", "--d-width", "16"],
+        "fgfi": ["--kd", "imitation=0.01", "--imitation-warmup", "{warmup}"],
+        "xie_unlabeled": ROWS["xie_unlabeled"][2] + ["--unlabeled-batch-size", "4"],
+        "mgd": ROWS["mgd"][2] + ["--unlabeled-batch-size", "4"],
+    },
+    # SKD's own CamVid students (ESPNet-C, p = 2, q = 8, 300 epochs at 360x480 from a PSPNet-R101
+    # teacher): another student and schedule, shown for the direction of each gain, not its size
+    "reported": {"teacher": 65.1, "baseline": 56.7, "skd_pi": 58.7, "skd_pi_pa_ho": 60.3},
+}
+# SKD's CamVid setting for one GPU (its Table 6: ESPNet-C and ESPNet students). SKD published its
+# students, not its CamVid schedule: crop, batch, iterations and learning rate are kd-seg's choice,
+# ESPNet's own CamVid training (sacmehta/ESPNet train/main.py: Adam lr 5e-4, weight decay 5e-4,
+# 300 epochs) on SKD's data pipeline (CamVidLight: random scale 0.5-2.1, crop, flip) with the whole
+# 360x480 image as the crop (SKD evaluates at 360x480) and batch 8: 300 epochs = 13,800 iterations.
+# The teacher: SKD's PSPNet-R101 is not published; SKD's ESPNet 65.1 (beside the data) or yours.
+SKD_CAMVID_FLAGS = ["--crop-size", "360", "480", "--batch-size", "8", "--optimizer", "adam", "--lr", "5e-4",
+                    "--weight-decay", "5e-4", "--scale-range", "0.5", "2.1"]
+for _student, _reported in (("espnet_c", {"baseline": 56.7, "skd_pi": 58.7, "skd_pi_pa_ho": 60.3}),
+                            ("espnet", {"baseline": 57.8, "skd_pi": 59.8, "skd_pi_pa_ho": 61.4})):
+    RECIPES[f"skd2019_camvid_{_student}"] = {
+        "paper": "Liu et al., CVPR 2019 (SKD), CamVid", "dataset": "camvid", "teacher": "espnet",
+        "teacher_files": {"teacher": SKD_CAMVID_FILES["teacher"]}, "student": _student,
+        "rows": ["baseline", "skd_pi", "skd_pi_pa", "skd_pi_pa_ho"], "flags": SKD_CAMVID_FLAGS,
+        "iters": 13800, "teacher_iters": 0, "imagenet": False, "eval": ["--split", "test"],
+        "fps_size": (360, 480), "reported": {"teacher": 65.1, **_reported}}
+# CIRKD's CamVid setting (Yang et al., CVPR 2022, its README and train scripts): crop 360x360, batch
+# 16, 40k iterations, SGD lr 0.02 poly, weight decay 1e-4, aux weight 0.4, ImageNet students, a
+# DeepLabV3-R101 teacher; the 233 test images whole at 360x480. CIRKD's own loss (cross-image
+# relations) is not one of kd-seg's papers: its numbers are in the README beside the baseline's.
+CIRKD_CAMVID_FLAGS = ["--crop-size", "360", "360", "--batch-size", "8", "--accumulate", "2", "--lr", "0.02",
+                      "--weight-decay", "1e-4", "--scale-range", "0.5", "2.0", "--aux-weight", "0.4"]
+for _student, _baseline in (("deeplabv3_resnet18", 66.92), ("pspnet_resnet18", 66.73)):
+    RECIPES[f"cirkd_camvid_{_student.partition('_')[0]}"] = {
+        "paper": "CIRKD's CamVid setting (Yang et al., CVPR 2022)", "dataset": "camvid",
+        "teacher": "deeplabv3_resnet101", "student": _student, "rows": ["baseline", "skd_pi_pa_ho", "cwd"],
+        "overrides": {"cwd": ["--kd", "cwd=3,cwd_feat=50,pixel=1"]}, "flags": CIRKD_CAMVID_FLAGS,
+        "iters": 40000, "teacher_iters": 40000, "eval": ["--split", "test"], "fps_size": (360, 480),
+        "reported": {"teacher": 69.84, "baseline": _baseline}}
 for _name, _recipe in RECIPES.items():
-    _recipe.update(name=_name, seeds=[0], imagenet=True, overrides=_recipe.get("overrides", {}))
+    _recipe.update(name=_name, overrides=_recipe.get("overrides", {}))
+    _recipe.setdefault("seeds", [0])
+    _recipe.setdefault("imagenet", True)
 # CPU-scale jobs (the demo, smoke runs) run with one thread each and the kernels every x86-64 CPU
 # of the last decade has: ATen's vectorised code and oneDNN's convolutions otherwise pick AVX-512
 # where present. This narrows what differs between machines; it does not remove it (README, "the
@@ -209,7 +283,9 @@ def get_args_parser():
     p.add_argument("--data-root", help="dataset root (default: data/<dataset>; the demo makes "
                                        "data/synthetic, or data/synthetic_quick with --quick)")
     p.add_argument("--rows", help="comma-separated rows (see --list; default: the setting's)")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (demo 0-4; recipes 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (demo and camvid 0-4; recipes 0)")
+    p.add_argument("--split", help="evaluation split (default: the setting's, test where it has labels): "
+                                   "val to tune a setting without touching its test split")
     p.add_argument("--iters", type=int, help="student iterations (default: the setting's)")
     p.add_argument("--teacher-iters", type=int, help="teacher iterations (default: the setting's)")
     p.add_argument("--out", help="output folder (default runs/demo, runs/quick or runs/<recipe>)")
@@ -229,7 +305,8 @@ def get_args_parser():
                    help="label partition 1/K of the train split, the rest unlabeled (MGD: 16)")
     p.add_argument("--list", action="store_true", help="print the rows and recipes and exit")
     p.add_argument("--benchmark", action="store_true",
-                   help="print the README's speed ratios (FPS of Xie's pair, cost of the terms)")
+                   help="print the README's speed ratios (FPS of Xie's pair, cost of the terms, train.py's "
+                        "step); with --recipe camvid --data-root CAMVID: the CamVid setting's step and loading")
     return p
 
 
@@ -263,6 +340,10 @@ def choose_setting(args):
         for flag, values in (("--crop-size", ["64", "64"]), ("--batch-size", ["2"]), ("--accumulate", ["1"])):
             setting["flags"] = set_flag(setting["flags"], flag, values)
         setting["eval"] = set_flag(setting["eval"], "--window", [])
+        if setting["dataset"] == "camvid":   # the real tree's first 4 images of each split, at 96x128
+            setting.update(downscale=[96, 128], downscale_count=4)
+    if args.split:
+        setting["eval"] = set_flag(setting["eval"], "--split", [args.split])
     for name in ("iters", "teacher_iters", "seeds"):
         if getattr(args, name) is not None:
             setting[name] = getattr(args, name)
@@ -273,6 +354,11 @@ def choose_setting(args):
         raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     if "baseline" not in setting["rows"]:
         setting["rows"].insert(0, "baseline")  # every gain is measured against it
+    if "partition_baseline" in setting["rows"] and not setting.get("partition_rows"):
+        raise ValueError(f"row partition_baseline belongs to a setting with a partition of some rows "
+                         f"(camvid); {setting['name']} has none")
+    if set(setting["rows"]) & set(setting.get("partition_rows", [])) and "partition_baseline" not in setting["rows"]:
+        setting["rows"].append("partition_baseline")   # the partition rows' gains are measured against it
     if any("{wide}" in ROWS[r][2] for r in setting["rows"]) and "wide_teacher" not in setting:
         raise ValueError(f"row mgd needs a wide teacher, which recipe {setting['name']} does not have")
     return setting
@@ -330,9 +416,14 @@ def plan(setting, args, out, data_root, check=True):
     crop = flag_values(flags, "--crop-size")
     if setting["name"] != "demo":
         flags = ["--dataset", dataset] + flags
-        if not args.smoke:   # on a GPU: decode images in parallel to the step
+        if not args.smoke and not setting.get("cpu"):   # on a GPU: decode images in parallel to the step
             flags += ["--workers", str(min(8, os.cpu_count() or 1)), "--channels-last"]
     pre_steps = []            # (description, function, args): done in this process before the jobs
+    source_root, data_root = data_root, copy_root(setting, out) or data_root   # the jobs read data_root
+    if data_root != source_root:
+        height, width = setting["downscale"]
+        pre_steps.append((f"a {height}x{width} copy of {source_root}: {data_root}", datasets.make_camvid_small,
+                          (str(source_root), str(data_root), (height, width), setting.get("downscale_count"))))
     fill = {"{warmup}": [str(max(1, setting["iters"] // 10))],
             "{small_crop}": [str(int(c) // 2) for c in crop],
             "{pseudo}": [str(out / "pseudo_labels")],
@@ -345,8 +436,12 @@ def plan(setting, args, out, data_root, check=True):
         k = setting["partition"]
         lists = out / "partition"
         labeled_list, unlabeled_list = lists / f"labeled_1-{k}.txt", lists / f"unlabeled_1-{k}.txt"
-        flags += ["--train-subset", str(labeled_list)]
-        if check:
+        partition_flags = ["--train-subset", str(labeled_list)]
+        if not setting.get("partition_rows"):   # every training on the partition, the teachers too
+            flags += partition_flags
+        if data_root != source_root:   # the copy's layout: its train images in train/
+            image_folder = data_root / "train"
+        elif check:
             train_set = datasets.build_dataset(dataset, str(data_root), "train")
             image_folder = os.path.commonpath([os.path.dirname(p) for p in train_set.image_paths])
         else:
@@ -363,6 +458,8 @@ def plan(setting, args, out, data_root, check=True):
         if "{unlabeled}" in row_flags and unlabeled is None:
             raise ValueError(f"row {row} needs unlabeled images: give --unlabeled-root DIR (or leave "
                              "the row out with --rows)")
+        if row in partition_rows(setting):   # a semi-supervised row (or its baseline) on the partition
+            row_flags = row_flags + partition_flags
         return [value for flag in row_flags for value in fill.get(flag, [flag])]
 
     for row in rows:   # every row's inputs exist before any download or training starts
@@ -392,6 +489,12 @@ def plan(setting, args, out, data_root, check=True):
     if needs_wide and not args.wide_teacher_checkpoint:
         jobs.append(("wide teacher", "train.py", training(out / "wide_teacher", setting["wide_teacher"],
                                                            setting["teacher_iters"], 0), []))
+    if needs_wide:   # MGD's second teacher is scored too
+        teachers["wide_teacher"] = Path(fill["{wide}"][0])
+        teachers["wide_eval"] = (out / "wide_teacher_eval.json" if args.wide_teacher_checkpoint
+                                 else out / "wide_teacher" / "eval.json")
+        jobs.append(evaluation_job("wide teacher", teachers["wide_teacher"], teachers["wide_eval"],
+                                   [] if args.wide_teacher_checkpoint else ["wide teacher"]))
     if any("{pseudo}" in ROWS[r][2] for r in rows):   # Zhu et al.: offline, confidence 0.5
         argv = ["--checkpoint", str(teacher_ckpt), "--dataset", "folder", "--data-root", unlabeled[0],
                 "--save-pred", str(out / "pseudo_labels"), "--threshold", "0.5", "--workers", "0",
@@ -424,11 +527,26 @@ def plan(setting, args, out, data_root, check=True):
     jobs.sort(key=lambda job: (job[0].startswith("baseline "),
                                slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
     if check and dataset != "synthetic":   # the root is in the dataset's layout, a given teacher fits it
-        classes = datasets.build_dataset(dataset, str(data_root), "train").num_classes
+        classes = datasets.build_dataset(dataset, str(source_root), "train").num_classes
         for given in (args.teacher_checkpoint, args.wide_teacher_checkpoint):
             if given:
                 evaluation.load_checkpoint(given, expect_classes=classes)
     return teacher_jobs + jobs, run_dirs, teachers, pre_steps
+
+
+def copy_root(setting, out):
+    """Where a setting with `downscale` keeps its downscaled copy of the data (inside its --out),
+    else None."""
+    if not setting.get("downscale"):
+        return None
+    height, width = setting["downscale"]
+    return out / f"{setting['dataset']}_{height}x{width}"
+
+
+def partition_rows(setting):
+    """The rows trained on the labeled partition when only some are (`partition_rows`), with the
+    baseline they are measured against; empty otherwise."""
+    return set(setting.get("partition_rows", [])) | ({"partition_baseline"} if setting.get("partition_rows") else set())
 
 
 def write_partition(dataset, data_root, k, folder):
@@ -647,13 +765,18 @@ def cost_of(checkpoint, fps_size, quick, threads, json_path):
     return {"params_m": result["params_m"], "gmacs": result["gmacs"], "fps": result["fps"]["fps"]}
 
 
-def picture_grid(checkpoints, dataset, path, count=6, width=128):
-    """Rows of evaluation images: image, ground truth, then each model's prediction."""
+def picture_grid(checkpoints, dataset, path, count=6, width=160, header=16):
+    """Rows of evaluation images: image, ground truth, then each model's prediction (seed 0), under
+    a header that names every column in the picture itself. Returns the column names."""
     nets = [(name, evaluation.load_checkpoint(c)[0]) for name, c in checkpoints]
+    names = ["image", "ground truth"] + [name for name, _ in nets]
     count = min(count, len(dataset))
     image0 = Image.open(dataset.image_paths[0])
     size = (width, max(1, round(width * image0.height / image0.width)))
-    grid = Image.new("RGB", ((2 + len(nets)) * (size[0] + 4), count * (size[1] + 4)), "white")
+    grid = Image.new("RGB", (len(names) * (size[0] + 4), header + count * (size[1] + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, name in enumerate(names):
+        draw.text((col * (size[0] + 4) + 2, 2), name, fill="black")
     for row in range(count):
         image, label = dataset[row]
         pictures = [Image.open(dataset.image_paths[row]).convert("RGB").resize(size, Image.BILINEAR),
@@ -663,9 +786,9 @@ def picture_grid(checkpoints, dataset, path, count=6, width=128):
                 pred = evaluation.predict(net, image[None], label.shape)[0].argmax(0)
             pictures.append(datasets.colorize(pred.numpy(), dataset.palette))
         for col, pic in enumerate(pictures):
-            grid.paste(pic.resize(size, Image.NEAREST), (col * (size[0] + 4), row * (size[1] + 4)))
+            grid.paste(pic.resize(size, Image.NEAREST), (col * (size[0] + 4), header + row * (size[1] + 4)))
     evaluation.save_image_atomic(grid, path)
-    return ["image", "ground truth"] + [name for name, _ in nets]
+    return names
 
 
 # ----------------------------------------------------------------------------- the run
@@ -677,10 +800,19 @@ def run(args):
     dataset = setting["dataset"]
     data_root = Path(args.data_root or ("data/synthetic_quick" if args.quick else f"data/{dataset}"))
     demo = name == "demo"
-    # at CPU scale (the demo, a smoke run) one job per core with one thread each: tiny models
-    # scale better across processes than across threads; on a GPU one job at a time
-    cpu_scale = demo or args.smoke
+    # at CPU scale (the demo, the camvid setting, a smoke run) one job per core with one thread
+    # each: small models scale better across processes than across threads; on a GPU one at a time
+    cpu_scale = demo or args.smoke or setting.get("cpu", False)
     jobs_at_once = args.jobs or ((os.cpu_count() or 1) if cpu_scale else 1)
+    for role, relative in setting.get("teacher_files", {}).items():   # published teachers beside the data
+        option = f"{role}_checkpoint"
+        if getattr(args, option) is None:
+            setattr(args, option, str(data_root.parent / relative))
+            if not args.dry_run and not Path(getattr(args, option)).is_file():
+                raise FileNotFoundError(
+                    f"{getattr(args, option)}: the {role.replace('_', ' ')} of recipe {name} not found; it is SKD's "
+                    f"published {Path(relative).name} ({SKD_CAMVID_SOURCE}), expected beside --data-root "
+                    f"as in ../shared/data, or give --{option.replace('_', '-')} FILE")
     if args.dry_run:
         jobs, _, _, pre_steps = plan(setting, args, out, data_root, check=False)
         if demo:
@@ -719,6 +851,7 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
     for row, seed in run_dirs:
         run_dirs[row, seed].parent.mkdir(parents=True, exist_ok=True)
     results = run_all(jobs, jobs_at_once, out, reproducible=cpu_scale)
+    data_root = copy_root(setting, out) or data_root   # what the jobs read and were scored on
 
     # the table: evaluation split mIoU of every run, costs of the teacher and student as deployed
     def miou(json_path):
@@ -735,15 +868,24 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
     table_rows = [{"name": "teacher", "paper": "-", "adds": setting["teacher"], "mean": miou(teachers["eval"]),
                    "std": 0.0, "n": 1, "gain": None, "ci": None, "verdict": "", **teacher_cost,
                    "train_s": train_seconds([teachers["teacher"].parent]), "reported": reported.get("teacher", "")}]
-    base = [miou(run_dirs["baseline", s] / "eval.json") for s in seeds]
+    if "wide_eval" in teachers:   # MGD's second, structurally different teacher
+        wide_cost = cost_of(teachers["wide_teacher"], fps_size, quick, cost_threads, out / "wide_teacher_cost.json")
+        table_rows.append({"name": "wide teacher", "paper": "-", "adds": setting["wide_teacher"],
+                           "mean": miou(teachers["wide_eval"]), "std": 0.0, "n": 1, "gain": None, "ci": None,
+                           "verdict": "", **wide_cost, "train_s": train_seconds([teachers["wide_teacher"].parent]),
+                           "reported": ""})
+    on_partition = partition_rows(setting)
     for row in setting["rows"]:
+        baseline = "partition_baseline" if row in on_partition else "baseline"   # its own labels
+        base = [miou(run_dirs[baseline, s] / "eval.json") for s in seeds]
         values = [miou(run_dirs[row, s] / "eval.json") for s in seeds]
-        gain, ci = gain_interval([v - b for v, b in zip(values, base)])
+        gains = [v - b for v, b in zip(values, base)]
+        gain, ci = gain_interval(gains)
         table_rows.append({
             "name": row, "paper": ROWS[row][0], "adds": ROWS[row][1], "values": values,
             "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "gain": None if row == "baseline" else gain, "ci": None if row == "baseline" else ci,
-            "verdict": "" if row == "baseline" else verdict([v - b for v, b in zip(values, base)]),
+            "n": len(values), "gain": None if row == baseline else gain, "ci": None if row == baseline else ci,
+            "verdict": "" if row == baseline else verdict(gains),
             **student_cost, "train_s": train_seconds([run_dirs[row, s] for s in seeds]),
             "reported": reported.get(row, "")})
     table = format_results(table_rows, bool(reported))
@@ -751,8 +893,11 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
 
     split = flag_values(setting["eval"], "--split")[0]
     eval_set = datasets.build_dataset(dataset, str(data_root), split)
-    shown = [("teacher", teachers["teacher"]), ("baseline", run_dirs["baseline", seeds[0]] / "checkpoint.pt")] + \
-            [(r, run_dirs[r, seeds[0]] / "checkpoint.pt") for r in setting["rows"] if r != "baseline"][:4]
+    # image, ground truth, teacher, baseline and the student of the row with the largest mean gain
+    best = max((r for r in table_rows if r["gain"] is not None), key=lambda r: r["gain"], default=None)
+    shown = [("teacher", teachers["teacher"]), ("baseline", run_dirs["baseline", seeds[0]] / "checkpoint.pt")]
+    if best is not None:
+        shown.append((f"best: {best['name']}", run_dirs[best["name"], seeds[0]] / "checkpoint.pt"))
     columns = picture_grid(shown, eval_set, out / "predictions.png", count=2 if args.smoke else 6)
     elapsed = time.perf_counter() - start
     machine = f"{machine_line()}, {jobs_at_once} parallel job(s); each job: {results['kernels']}"
@@ -902,22 +1047,24 @@ def demo_step_benchmark(data_root):
         print(f"distilled step ({variant}) / (student step + teacher forward): {ratio[0]:.2f} "
               f"(range {ratio[1]:.2f}-{ratio[2]:.2f}; target <= 1.15)", flush=True)
     for workers in (0, 1):
-        train_loop_ratio(data_root, step_with({}), workers)
+        where = "in the training process" if workers == 0 else "by 1 loader process beside it"
+        train_loop_ratio(["--model", STUDENT, "--data-root", str(data_root), *DEMO_FLAGS, "--workers", str(workers)],
+                         step_with({}), f"{STUDENT}, demo flags, --workers {workers}: data drawn {where}; "
+                         "target <= 1.1")
 
 
-def train_loop_ratio(data_root, fixed_step, workers, rounds=9, iters=60, log_every=20):
-    """train.py's logged seconds per iteration for the demo's baseline student (the data drawn,
-    augmented and moved every step, the log, the scheduler) against `fixed_step`, the same
-    forward, backward and SGD step on a fixed batch. Interleaved: each round one short train.py
-    run (its first logged window, the warm-up, left out) and then the fixed step as many times,
-    so that both see the same state of the machine; the ratio per round, median and range."""
+def train_loop_ratio(train_argv, fixed_step, what, rounds=9, iters=60, log_every=20):
+    """train.py's logged seconds per iteration (the data drawn, augmented and moved every step, the
+    log, the scheduler) for `train_argv` against `fixed_step`, the same forward, backward and update
+    on a fixed batch. Interleaved: each round one short train.py run (its first logged window, the
+    warm-up, left out) and then the fixed step as many times, so that both see the same state of
+    the machine; the ratio per round, median and range."""
     import tempfile
     ratios, loops = [], []
     for round_ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            argv = ["--model", STUDENT, "--iters", str(iters), "--data-root", str(data_root), "--out",
-                    f"{tmp}/run", "--log-every", str(log_every), "--seed", str(round_), *DEMO_FLAGS,
-                    "--workers", str(workers)]
+            argv = [*train_argv, "--iters", str(iters), "--out", f"{tmp}/run", "--log-every", str(log_every),
+                    "--seed", str(round_)]
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 train.train(train.get_args_parser().parse_args(argv))
             logged = [json.loads(line)["s_per_it"] for line in open(f"{tmp}/run/log.jsonl")][1:]
@@ -928,10 +1075,53 @@ def train_loop_ratio(data_root, fixed_step, workers, rounds=9, iters=60, log_eve
         loops.append(statistics.median(logged))
         ratios.append(loops[-1] / fixed)
     ratio = median_and_spread(ratios)
-    where = "in the training process" if workers == 0 else "by 1 loader process beside it"
-    print(f"train.py step ({STUDENT}, demo flags, --workers {workers}: data drawn {where}): "
-          f"{1000 * statistics.median(loops):.1f} ms = {ratio[0]:.2f}x the fixed-batch step (range "
-          f"{ratio[1]:.2f}-{ratio[2]:.2f} over {rounds} interleaved rounds; target <= 1.1)", flush=True)
+    print(f"train.py step ({what}): {1000 * statistics.median(loops):.1f} ms = {ratio[0]:.2f}x the fixed-batch "
+          f"step (range {ratio[1]:.2f}-{ratio[2]:.2f} over {rounds} interleaved rounds)", flush=True)
+
+
+def camvid_benchmark(args):
+    """`--benchmark --recipe camvid`: real images cost real loading (PNG decoding, rescaling,
+    cropping). train.py's step in the camvid setting (its student and flags, on its downscaled copy)
+    against the same model's forward, backward and Adam step on a fixed batch, in one process set
+    up as the setting's jobs; and what loading one batch costs on its own."""
+    import tempfile
+    setting = RECIPES["camvid"]
+    source = Path(args.data_root or "data/camvid")
+    print(f"machine: {machine_line()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "camvid"
+        datasets.make_camvid_small(source, copy, tuple(setting["downscale"]))
+        with worker_pool(1, reproducible=True) as pool:   # as the setting's jobs: one thread, AVX2
+            pool.submit(camvid_step_benchmark, str(copy)).result()
+
+
+def camvid_step_benchmark(copy):
+    print(f"camvid steps, in a process set up as the setting's jobs: {kernels()}", flush=True)
+    setting = RECIPES["camvid"]
+    flags = ["--dataset", "camvid", "--data-root", copy, "--model", setting["student"], *setting["flags"]]
+    args = train.get_args_parser().parse_args(flags)
+    torch.manual_seed(0)
+    student = models.build_model(args.model, 11).train().to(memory_format=torch.channels_last)
+    data = datasets.build_dataset("camvid", copy, "train", train=True, crop_size=tuple(args.crop_size),
+                                  scale_range=tuple(args.scale_range))
+    start = time.perf_counter()
+    batch = [train.Seeded(data)[(i, i)] for i in range(args.batch_size)]   # as train.py draws a sample
+    load = time.perf_counter() - start
+    images, labels = (torch.stack(t) for t in zip(*batch))
+    images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, weight_decay=args.weight_decay)
+
+    def fixed_step():
+        loss = train.task_loss(student(images), labels, args)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"one batch of {args.batch_size} CamVid crops ({args.crop_size[0]}x{args.crop_size[1]} of the "
+          f"{setting['downscale'][0]}x{setting['downscale'][1]} copy): {1000 * load:.1f} ms to read, decode and "
+          f"augment", flush=True)
+    for workers in (0, 1):
+        train_loop_ratio([*flags, "--workers", str(workers)], fixed_step,
+                         f"{setting['student']}, camvid flags, --workers {workers}; target <= 1.2")
 
 
 def print_list():
@@ -949,7 +1139,7 @@ def main():
     if args.list:
         return print_list()
     if args.benchmark:
-        return benchmark(args)
+        return camvid_benchmark(args) if args.recipe == "camvid" else benchmark(args)
     return run(args)
 
 

@@ -10,7 +10,7 @@ def test_quick_demo_writes_table_report_and_pictures(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())["rows"]
     names = [row["name"] for row in results]
-    assert names[:2] == ["teacher", "baseline"] and "mgd" in names and "zhu" in names
+    assert names[:3] == ["teacher", "wide teacher", "baseline"] and "mgd" in names and "zhu" in names
     assert all(0 <= row["mean"] <= 100 for row in results)
     report = (out / "REPORT.md").read_text()
     assert "| baseline |" in report and "python kd_seg.py --quick" in report
@@ -26,6 +26,8 @@ def test_quick_demo_writes_table_report_and_pictures(tmp_path):
     commands = (out / "commands.sh").read_text().splitlines()
     assert commands and all(" OMP_NUM_THREADS=1 python " in " " + line for line in commands)
     assert (out / "predictions.png").stat().st_size > 0
+    # the grid names its columns in the picture and shows the row with the largest mean gain
+    assert "Columns: image, ground truth, teacher, baseline, best: " in report
     assert (out / "pseudo_label_diagnostics.png").stat().st_size > 0
     # a second run reuses every finished training instead of redoing it
     again = run_cli("kd_seg.py", "--quick", "--out", out, "--data-root", data, "--rows", "baseline",
@@ -47,6 +49,7 @@ def test_unknown_row_is_one_line_error(tmp_path):
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +105,8 @@ def imagenet_dir(tmp_path_factory):
     classifier, which loading drops) under torchvision's own file names."""
     folder = tmp_path_factory.mktemp("imagenet")
     backbones = {models_name.partition("_")[2] for recipe in kd_seg.RECIPES.values()
-                 for models_name in (recipe["teacher"], recipe["student"], recipe.get("wide_teacher", "x_resnet18"))}
+                 for models_name in (recipe["teacher"], recipe["student"], recipe.get("wide_teacher", "x_resnet18"))
+                 if models_name not in models.ESPNETS}   # ESPNets train from scratch
     for backbone in sorted(backbones):
         net = models.build_backbone(backbone, 32)
         state = net.state_dict()
@@ -114,6 +118,11 @@ def imagenet_dir(tmp_path_factory):
     return folder
 
 
+# CamVid's recipes run on the real tree and SKD's published students (../shared/data, which CI has)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HAS_CAMVID = (SHARED_DATA / "CamVid" / "train").is_dir() and (SHARED_DATA / "skd_camvid").is_dir()
+
+
 @pytest.mark.parametrize("recipe", sorted(kd_seg.RECIPES))
 def test_every_recipe_runs_end_to_end_at_smoke_scale(recipe, tmp_path, imagenet_dir):
     dataset = kd_seg.RECIPES[recipe]["dataset"]
@@ -121,6 +130,10 @@ def test_every_recipe_runs_end_to_end_at_smoke_scale(recipe, tmp_path, imagenet_
     extra = []
     if dataset == "cityscapes":
         make_cityscapes(data)
+    elif dataset == "camvid":
+        if not HAS_CAMVID:
+            pytest.skip(f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
+        data = SHARED_DATA / "CamVid"
     else:
         make_pascal_context(data)
         extra = ["--unlabeled-root", data / "unlabeled"]
@@ -128,16 +141,29 @@ def test_every_recipe_runs_end_to_end_at_smoke_scale(recipe, tmp_path, imagenet_
                 "--out", out, *extra, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [row["name"] for row in rows] == ["teacher"] + kd_seg.RECIPES[recipe]["rows"]
+    setting = kd_seg.RECIPES[recipe]
+    wide = ["wide teacher"] if "mgd" in setting["rows"] else []
+    assert [row["name"] for row in rows] == ["teacher"] + wide + setting["rows"]
     assert all(0 <= row["mean"] <= 100 and row["gmacs"] > 0 and row["fps"] > 0 for row in rows)
     report = (out / "REPORT.md").read_text()
-    for row in kd_seg.RECIPES[recipe]["rows"]:
+    for row in setting["rows"]:
         assert f"| {row} |" in report and f"| {row} |" in r.stdout
-    # every training started from the ImageNet files, and the report lists each command it ran
+    # every training started from the ImageNet files (ESPNets: from scratch), and the report lists
+    # each command it ran
     commands = (out / "commands.sh").read_text().splitlines()
     trainings = [c for c in commands if " python train.py " in f" {c} "]   # after the smoke jobs' environment
-    assert trainings and all(str(imagenet_dir) in c for c in trainings)
+    assert trainings and all((str(imagenet_dir) in c) == setting["imagenet"] for c in trainings)
     assert all(c in report for c in commands)
+    if dataset == "camvid":   # SKD's published teachers; the real tree's first images, downscaled
+        assert all("skd_camvid/" in c for c in commands if "--teacher-checkpoint" in c and "seed" in c) \
+            or not setting.get("teacher_files")
+        assert len(list((out / "camvid_96x128" / "test").glob("*.png"))) == 4
+    if recipe == "camvid":   # the semi-supervised rows and their own baseline on a 1/8 partition
+        on_partition = [c for c in trainings if "--train-subset" in c]
+        assert {Path(re.search(r"--out (\S+)", c).group(1)).parent.name for c in on_partition} == {
+            "partition_baseline", "xie_unlabeled", "zhu", "mgd"}
+        assert [r["name"] for r in rows if r["gain"] is None] == ["teacher", "wide teacher", "baseline",
+                                                                    "partition_baseline"]
     if recipe == "mgd2022":   # a 1/16 partition of the 6 train images: 1 labeled, 5 unlabeled
         labeled = (out / "partition" / "labeled_1-16.txt").read_text().split()
         unlabeled = (out / "partition" / "unlabeled_1-16.txt").read_text().split()
@@ -151,9 +177,9 @@ def test_dry_run_prints_every_command_and_touches_nothing(tmp_path):
     r = run_cli("kd_seg.py", "--recipe", "mgd2022", "--dry-run", "--data-root", tmp_path / "cs", "--out", out)
     assert r.returncode == 0, r.stderr
     commands = [line for line in r.stdout.splitlines() if line.startswith("python ")]
-    # teacher, wide teacher, 2 rows x 1 seed, and an evaluation of each but the wide teacher
+    # teacher, wide teacher, 2 rows x 1 seed, and an evaluation of each (both teachers are scored)
     assert sum(c.startswith("python train.py") for c in commands) == 4
-    assert sum(c.startswith("python eval.py") for c in commands) == 3
+    assert sum(c.startswith("python eval.py") for c in commands) == 4
     assert all("--pretrained https://download.pytorch.org/models/" in c for c in commands if "train.py" in c)
     assert "labeled_1-16.txt" in r.stdout and not out.exists()
     demo = run_cli("kd_seg.py", "--dry-run", "--out", out, "--data-root", tmp_path / "syn")
@@ -273,3 +299,19 @@ def test_readme_equation_map_points_at_its_functions():
                 assert any(n in first for n in names), (row, first)
                 checked += 1
     assert checked >= 15
+
+
+@pytest.mark.skipif(not HAS_CAMVID, reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
+def test_camvid_setting_without_its_teacher_or_in_dry_run_writes_nothing(tmp_path):
+    # a data root with no SKD files beside it: one line naming the file and where it comes from
+    data = tmp_path / "data" / "CamVid"
+    data.mkdir(parents=True)
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--data-root", data, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "SD+KD+CITY_65.1.pth" in r.stderr and "irfanICMLL" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--data-root", SHARED_DATA / "CamVid", "--dry-run",
+                "--out", tmp_path / "out")
+    assert r.returncode == 0 and "a 180x240 copy of" in r.stdout and "labeled_1-8.txt" in r.stdout
+    commands = [line for line in r.stdout.splitlines() if " python " in line]
+    assert sum(" train.py " in c for c in commands) == 5 * 11   # skd_pi shares xie_lp's runs
+    assert all("OMP_NUM_THREADS=1" in c for c in commands) and not (tmp_path / "out").exists()
