@@ -406,7 +406,7 @@ def claim_output_dir(out_dir, owner):
                              "choose a new output folder")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, json.dumps(owner, indent=1))
+    datasets.write_atomic(marker, json.dumps(owner, indent=1))
 
 
 def predict_missing(model, dataset, done, what, device, amp="off", scales=(1.0,), flip=False,
@@ -452,7 +452,7 @@ def save_predictions(model, dataset, out_dir, device, amp="off", threshold=0.0, 
             label = label.cpu().numpy().astype(np.uint8)
             datasets.save_confidence_png(out_dir / "confidence" / f"{name}.png",
                                          confidence.cpu().numpy())
-            save_image_atomic(datasets.colorize(label, dataset.palette), out_dir / "color" / f"{name}.png")
+            datasets.save_png(out_dir / "color" / f"{name}.png", datasets.colorize(label, dataset.palette))
             datasets.save_label_png(out_dir / f"{name}.png", label, dataset.palette)  # last: "done"
 
 
@@ -486,7 +486,7 @@ def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", sc
             # VOC's devkit reads palette PNGs; Cityscapes and ADE20K single-channel (mode L) ids
             picture = (datasets.label_to_pil(ids, datasets.voc_palette(256)) if dataset_name == "voc"
                        else Image.fromarray(ids))
-            save_image_atomic(picture, out_dir / names[i])
+            datasets.save_png(out_dir / names[i], picture)
 
 
 def output_names(dataset):
@@ -497,29 +497,6 @@ def output_names(dataset):
     if getattr(dataset, "image_root", None):
         root = Path(dataset.image_root)
     return [str(p.relative_to(root).with_suffix("")) for p in paths]
-
-
-def save_image_atomic(image, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk leaves no half-written temporary file
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path, text):
-    """`path` holds `text` in full or is unchanged (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -564,7 +541,7 @@ def plot_diagnostics(rows, path, size=(420, 300)):
     for v in (0, 0.5, 1):
         draw.text((5, bottom - (bottom - top) * v - 5), f"{v:.1f}", fill="black")
         draw.text((left + (right - left) * v - 8, bottom + 4), f"{v:.1f}", fill="black")
-    save_image_atomic(image, path)
+    datasets.save_png(path, image)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -718,7 +695,7 @@ def main(args):
               f"iters) | {f['device']} | {f['dtype']} | torch {f['torch']} | upsample+argmax "
               f"included")
     if args.json:
-        write_text_atomic(args.json, json.dumps(results, indent=1))
+        datasets.write_atomic(args.json, json.dumps(results, indent=1))
     return results
 
 

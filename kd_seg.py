@@ -442,8 +442,8 @@ def write_partition(dataset, data_root, k, folder):
     folder.mkdir(parents=True, exist_ok=True)
     for name, indices in ((f"unlabeled_1-{k}.txt", order[count:]), (f"labeled_1-{k}.txt", order[:count])):
         lines = [os.path.relpath(train_set.image_paths[i], data_root) for i in sorted(indices)]
-        (folder / (name + ".tmp")).write_text("".join(line + "\n" for line in lines))
-        os.replace(folder / (name + ".tmp"), folder / name)   # the labeled list last: "done"
+        # the labeled list last: "done"
+        datasets.write_atomic(folder / name, "".join(line + "\n" for line in lines))
 
 
 def command_line(script, argv, env=None):
@@ -664,7 +664,7 @@ def picture_grid(checkpoints, dataset, path, count=6, width=128):
             pictures.append(datasets.colorize(pred.numpy(), dataset.palette))
         for col, pic in enumerate(pictures):
             grid.paste(pic.resize(size, Image.NEAREST), (col * (size[0] + 4), row * (size[1] + 4)))
-    evaluation.save_image_atomic(grid, path)
+    datasets.save_png(path, grid)
     return ["image", "ground truth"] + [name for name, _ in nets]
 
 
@@ -778,10 +778,8 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
                    f"{100 * d['coverage']:.1f} |" for d in diagnostics]
         report += ["", "![pseudo-label diagnostics](pseudo_label_diagnostics.png)", ""]
     report += ["## Commands", "", "```", *[command_line(s, a, env) for _, s, a, _ in jobs], "```", ""]
-    tmp = out / "REPORT.tmp"
-    tmp.write_text("\n".join(report))
-    os.replace(tmp, out / "REPORT.md")
-    (out / "results.json").write_text(json.dumps({"rows": table_rows, "diagnostics": diagnostics}, indent=1))
+    datasets.write_atomic(out / "REPORT.md", "\n".join(report))
+    datasets.write_atomic(out / "results.json", json.dumps({"rows": table_rows, "diagnostics": diagnostics}, indent=1))
     print(f"wrote {out / 'REPORT.md'} | total {evaluation.format_eta(elapsed)}")
     return table_rows
 

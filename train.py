@@ -316,18 +316,13 @@ def setup_distributed(args):
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, state):
-    """Write `state` atomically: an interruption leaves the previous checkpoint intact, and a
-    failed write (a full or read-only disk) leaves no temporary file behind."""
-    tmp = Path(path).with_suffix(".tmp")
+    """Write `state` atomically (datasets.write_atomic): an interruption leaves the previous
+    checkpoint intact, and a failed write (a full or read-only disk) leaves no temporary file."""
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # a full disk: "unexpected pos 704 vs 598"
-            raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); "
-                          "is the disk full or read-only?") from None
-        raise
+        datasets.write_atomic(path, lambda temporary: torch.save(state, temporary))
+    except (OSError, RuntimeError) as e:  # a full disk: "unexpected pos 704 vs 598"
+        raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); "
+                      "is the disk full or read-only?") from None
 
 
 def rng_state():
@@ -413,7 +408,7 @@ def keep_entries_until(path, step):
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass
-    evaluation.write_text_atomic(path, "".join(line + "\n" for line in kept))
+    datasets.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -469,7 +464,7 @@ def run(args, weights, rank, world, resume_from):
     device = torch.device(args.device)
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
+        datasets.write_atomic(Path(args.out) / "args.json", json.dumps(vars(args), indent=1))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
