@@ -872,14 +872,16 @@ def demo_step_benchmark(data_root):
             output = student(images)
             terms = {"ce": train.task_loss(output, labels, task)}
             if distiller is not None:
-                terms.update(distiller.terms(student, output, images, labels, step=0))
+                teacher_outputs = distiller.teacher_outputs(images)
+                terms.update(distiller.terms(student, output, images, labels, step=0, teacher_outputs=teacher_outputs))
             loss = distiller.weighted_sum(terms) if distiller else terms["ce"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if d_optimizer is not None:
                 d_optimizer.zero_grad()
-                distiller.discriminator_loss(images, output["out"].detach()).backward()
+                teacher_logits = teacher_outputs[0][0]["out"]
+                distiller.discriminator_loss(images, output["out"].detach(), teacher_logits).backward()
                 d_optimizer.step()
         return step
 

@@ -630,8 +630,11 @@ def run(args, weights, rank, world, resume_from):
                 if unlabeled is not None and distiller.mixes_unlabeled:  # MGD: CutMix the two halves
                     mix_mask = datasets.cutmix_box_masks(len(unlabeled) // 2, *unlabeled.shape[-2:])
                     mix_mask = mix_mask[:, None].to(device)
+                with autocast:  # the teachers see every batch of the step in one forward each
+                    teacher_outputs = distiller.teacher_outputs(
+                        *distiller.teacher_batches(images, unlabeled, mix_mask))
                 terms.update(distiller.terms(model, output, images, labels, step, unlabeled, mix_mask,
-                                             autocast))
+                                             autocast, teacher_outputs))
             loss = distiller.weighted_sum(terms) if distiller else terms["ce"]
             finite = finite and bool(torch.isfinite(loss))
             if finite:
@@ -645,7 +648,8 @@ def run(args, weights, rank, world, resume_from):
             print(f"iter {step + 1}: non-finite loss {loss.item()}, step skipped", flush=True)
         scheduler.step()
         if d_optimizer is not None:  # SKD order: student step first, then D on detached maps
-            d_loss = distiller.discriminator_loss(images, output["out"].detach())
+            teacher_logits = teacher_outputs[0][0]["out"]   # the teacher's, on the last labeled batch
+            d_loss = distiller.discriminator_loss(images, output["out"].detach(), teacher_logits)
             d_optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(d_loss):
                 d_loss.backward()

@@ -390,7 +390,7 @@ def test_discriminator_step_carries_the_holistic_weight(conditional):
     output = student(images)
     distiller.terms(student, output, images, torch.zeros(2, 32, 32, dtype=torch.long), step=0)
     torch.manual_seed(1)                 # the same alpha for both penalties
-    weighted = d_gradients(d, distiller.discriminator_loss(images, output["out"]))
+    weighted = d_gradients(d, distiller.discriminator_loss(images, output["out"], teacher(images)["out"]))
     torch.manual_seed(1)
     fake = d.make_input(images, output["out"].detach())
     real = d.make_input(images, teacher(images)["out"])
