@@ -2,7 +2,7 @@
 class-uniform "centroid" sampling (Zhu et al. 2020) and CutMix box masks (MGD, Qin et al. 2022).
 
 What is in this file, top to bottom:
-  1. class names, palettes and label lookup tables (DATASETS.md)
+  1. class names, palettes and label lookup tables (docs/DATASETS.md)
   2. files: read_image, read_label_png; write_atomic (every file kd-seg writes), save_png,
      save_label_png, save_confidence_png, colorize
   3. paired (image, label) transforms in the torchvision-references style
@@ -188,7 +188,7 @@ THING_CLASSES = {
         "table", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
         "tvmonitor"]],
     "camvid": [8, 9, 10],  # Car, Pedestrian, Bicyclist
-    # DATASETS.md gives no thing/stuff split for the 150 SceneParsing classes: treat all as things.
+    # docs/DATASETS.md gives no thing/stuff split for the 150 SceneParsing classes: treat all as things.
     "ade20k": list(range(150)),
 }
 
@@ -551,7 +551,7 @@ def check_files(dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. On-disk layouts (DATASETS.md). Each returns (image_paths, label_paths, lut).
+# 5. On-disk layouts (docs/DATASETS.md). Each returns (image_paths, label_paths, lut).
 
 def _find_folder(candidates, what):
     for folder in candidates:
@@ -702,7 +702,7 @@ DATASETS = {
 
 def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0.5, 2.0),
                   label_root=None, classes_from=None, jitter=0.2):
-    """A SegmentationFolder for one split of a named layout (see DATASETS.md).
+    """A SegmentationFolder for one split of a named layout (see docs/DATASETS.md).
 
     name: synthetic, voc, cityscapes, pascal_context, camvid, ade20k, or folder (any image tree;
     split is a sub-folder, or "" for root itself). For "folder", label_root pairs every image with
@@ -728,7 +728,7 @@ def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0
     elif name in DATASETS:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset root not found: {root} (expected the {name} layout "
-                                    "described in DATASETS.md)")
+                                    "described in docs/DATASETS.md)")
         images, labels, lut = DATASETS[name][0](root, split)
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS) + ['folder']}")
@@ -988,7 +988,7 @@ def make_camvid_small(source_root, root, size=(180, 240)):
     splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(source_root, s))]
     if not splits:
         raise FileNotFoundError(f"CamVid not found at {source_root}: expected train/, val/ and test/ with "
-                                "trainannot/, valannot/ and testannot/ (DATASETS.md)")
+                                "trainannot/, valannot/ and testannot/ (docs/DATASETS.md)")
     height, width = size
     for split in splits:
         images, labels, _ = _camvid_files(source_root, split)

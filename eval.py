@@ -2,7 +2,7 @@
 
     # mIoU + per-class IoU table of a checkpoint on a split
     python eval.py --checkpoint runs/teacher/checkpoint.pt --data-root data/synthetic --split test
-    # the same, plus FPS at 512x512 (protocol of DATASETS.md) and coloured prediction PNGs
+    # the same, plus FPS at 512x512 (protocol of docs/DATASETS.md) and coloured prediction PNGs
     python eval.py --checkpoint runs/student/checkpoint.pt --data-root data/synthetic --split val \
         --fps --fps-size 512 512 --save-pred runs/student/pred
     # offline pseudo labels (Zhu et al. 2020) for any image folder, with flip + multi-scale TTA
@@ -175,7 +175,7 @@ def evaluate(model, loader, device, num_classes, amp="off", scales=(1.0,), flip=
 @torch.inference_mode()
 def measure_fps(model, size, device, amp="off", warmup=10, iters=200, min_seconds=5.0,
                 include_upsample=True):
-    """FPS protocol of DATASETS.md: batch 1, eval mode, input already on the device, >= 10
+    """FPS protocol of docs/DATASETS.md: batch 1, eval mode, input already on the device, >= 10
     warm-up forwards, then time until `iters` iterations or `min_seconds` have passed."""
     model.eval()
     device = torch.device(device)
@@ -402,7 +402,7 @@ def get_args_parser():
                         "1..150, VOC palette PNGs), one per image in one flat folder")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="with --save-pred: pixels below this confidence become 255 (ignore)")
-    p.add_argument("--fps", action="store_true", help="measure FPS (DATASETS.md protocol)")
+    p.add_argument("--fps", action="store_true", help="measure FPS (docs/DATASETS.md protocol)")
     p.add_argument("--fps-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     p.add_argument("--fps-iters", type=int, default=200, help="timed iterations (protocol: 200)")
     p.add_argument("--fps-seconds", type=float, default=5.0, help="or at least this long")

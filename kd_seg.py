@@ -185,7 +185,7 @@ for _name, _recipe in RECIPES.items():
 # demo": oneDNN also sizes its blocking to the machine, and measured tables still differ).
 REPRODUCIBLE_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "AVX2"}
-# the cost columns' input size: the resolution each dataset is evaluated at (DATASETS.md)
+# the cost columns' input size: the resolution each dataset is evaluated at (docs/DATASETS.md)
 FPS_SIZE = {"cityscapes": (1024, 2048)}
 QUICK_COUNTS = {"train": 32, "unlabeled": 64, "val": 16, "test": 32}
 # torchvision's ImageNet checkpoints (the V1 weights) by backbone; --weights-dir holds these names
@@ -634,7 +634,7 @@ def train_seconds(run_dirs):
 
 
 def cost_of(checkpoint, fps_size, quick, threads, json_path):
-    """Params, GMACs and FPS of a trained model as deployed (eval.py --fps, DATASETS.md protocol),
+    """Params, GMACs and FPS of a trained model as deployed (eval.py --fps, docs/DATASETS.md protocol),
     measured here after every training so that nothing else runs beside it. Cached in json_path."""
     argv = ["--checkpoint", str(checkpoint), "--fps", "--fps-size", *map(str, fps_size),
             "--json", str(json_path)] + (["--fps-iters", "5", "--fps-seconds", "0.5"] if quick else [])
@@ -695,7 +695,7 @@ def run(args):
               f"and {out / 'REPORT.md'}")
         return None
     if not demo and not Path(data_root).is_dir():
-        raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of DATASETS.md)")
+        raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of docs/DATASETS.md)")
     jobs, run_dirs, teachers, pre_steps = plan(setting, args, out, data_root)   # may fail: before any write
     with evaluation.lock_output_dir(out):   # one kd_seg.py per output folder
         return execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps,
@@ -810,7 +810,7 @@ def median_and_spread(values):
 
 def benchmark(args):
     """The README's speed numbers, each the median over interleaved rounds with its range:
-    (1) CPU FPS of Xie et al.'s pair at 512x512 (DATASETS.md protocol); (2) what the distillation
+    (1) CPU FPS of Xie et al.'s pair at 512x512 (docs/DATASETS.md protocol); (2) what the distillation
     terms cost: a demo step with every labeled term against a plain student step plus a teacher
     forward; (3) train.py's own step against the same step on a fixed batch, in interleaved
     rounds. (2) and (3) run in one process set up as the demo's jobs (one thread, REPRODUCIBLE_CPU)."""

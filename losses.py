@@ -3,7 +3,7 @@
 Every term takes tensors and returns a scalar tensor. No term applies its own loss weight
 (lambda_gp, lambda_1, lambda_2, ...): weights are applied in one place, by the caller (the
 `Distiller` below), so that the README's "paper vs code default" table maps to one dict.
-The specification with every formula, normalisation and default is METHODS.md.
+The specification with every formula, normalisation and default is docs/METHODS.md.
 
 Papers:
   Xie et al., BMVC 2018   "Improving Fast Segmentation With Teacher-student Learning"
@@ -67,7 +67,7 @@ def _upcast(x):
 def resize_like(x, ref):
     """Bilinearly resize `x` (N, C, h, w) to the spatial size of `ref` (align_corners=False).
 
-    The one place where a teacher map is brought to the student's resolution (METHODS.md,
+    The one place where a teacher map is brought to the student's resolution (docs/METHODS.md,
     general rules); every loss below expects equal spatial sizes. No-op when sizes match.
     """
     if x.shape[-2:] == ref.shape[-2:]:
@@ -113,7 +113,7 @@ def consistency_kd(student_logits, teacher_logits, average_neighbours=False):
 
     D_m,i,k = ||p_m,i - p_m,i+k||^2 over the 8 neighbours k (replicate padding), m in {s, t}.
     This is the project's reconstruction from secondary descriptions, NOT the paper's own
-    formula, which could not be obtained (METHODS.md, section 1). `average_neighbours=True`
+    formula, which could not be obtained (docs/METHODS.md, section 1). `average_neighbours=True`
     first averages over k (C_m,i = mean_k D_m,i,k) and then takes the mean over |Omega| of
     (C_s,i - C_t,i)^2; it is an option, not the default. Unweighted (weight b applied outside).
     """
@@ -297,7 +297,7 @@ def generator_loss(d_fake):
 
 
 # ---------------------------------------------------------------------------------------
-# FGFI (Wang et al. 2019), adapted to segmentation (METHODS.md, section 3)
+# FGFI (Wang et al. 2019), adapted to segmentation (docs/METHODS.md, section 3)
 
 def connected_components(mask):
     """8-connected components of a boolean mask (H, W) or (N, H, W), without scipy.

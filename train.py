@@ -99,7 +99,7 @@ def get_args_parser():
                    help="autocast on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
-    g = p.add_argument_group("distillation (see losses.py and METHODS.md)")
+    g = p.add_argument_group("distillation (see losses.py and docs/METHODS.md)")
     g.add_argument("--teacher-checkpoint", help="frozen teacher: a train.py checkpoint, or a published "
                    "torchvision / mmsegmentation / CIRKD file (README: Published teachers)")
     g.add_argument("--wide-teacher-checkpoint", help="MGD's second, wide teacher")

@@ -1,4 +1,4 @@
-"""Tests for losses.py: the closed-form values of METHODS.md, properties every distillation
+"""Tests for losses.py: the closed-form values of docs/METHODS.md, properties every distillation
 term must have (zero loss and zero gradient when the student equals the teacher,
 invariances, gradient checks), and the FGFI mask construction.
 
@@ -30,7 +30,7 @@ def logits_pair(shape=(2, 5, 6, 7), dtype=torch.float32):
 
 
 # ---------------------------------------------------------------------------------------
-# Closed-form values (METHODS.md, last section)
+# Closed-form values (docs/METHODS.md, last section)
 
 def test_pixel_kd_closed_form():
     # teacher [ln 3, 0, 0, 0] -> p_t = [1/2, 1/6, 1/6, 1/6]; student uniform -> 0.5 ln(4/3)
