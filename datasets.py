@@ -2,8 +2,9 @@
 class-uniform "centroid" sampling (Zhu et al. 2020) and CutMix box masks (MGD, Qin et al. 2022).
 
 What is in this file, top to bottom:
-  1. class names, palettes and label lookup tables (DATASETS.md)
-  2. label files: read_image, read_label_png, save_label_png, save_confidence_png, colorize
+  1. class names, palettes and label lookup tables (docs/DATASETS.md)
+  2. files: read_image, read_label_png; write_atomic (every file kd-seg writes), save_png,
+     save_label_png, save_confidence_png, colorize
   3. paired (image, label) transforms in the torchvision-references style
   4. SegmentationFolder, the one dataset class every layout goes through
   5. the on-disk layouts (voc, cityscapes, pascal_context, camvid, ade20k, folder, synthetic)
@@ -187,7 +188,7 @@ THING_CLASSES = {
         "table", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
         "tvmonitor"]],
     "camvid": [8, 9, 10],  # Car, Pedestrian, Bicyclist
-    # DATASETS.md gives no thing/stuff split for the 150 SceneParsing classes: treat all as things.
+    # docs/DATASETS.md gives no thing/stuff split for the 150 SceneParsing classes: treat all as things.
     "ade20k": list(range(150)),
 }
 
@@ -202,7 +203,7 @@ SUBMISSION_IDS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Label files
+# 2. Files: images and labels read, every file written atomically
 
 def read_image(path):
     """An RGB PIL image (grayscale and CMYK files are converted; a broken file is a ValueError)."""
@@ -233,15 +234,29 @@ def read_label_png(path):
         raise ValueError(f"cannot read label {path}: {error}") from None
 
 
-def _save_atomic(image, path):
-    """Save a PIL image as PNG so that `path` is either absent or complete, never half written."""
+def write_atomic(path, content):
+    """Make `path` hold `content` in full, or leave it as it was: every file kd-seg writes (PNGs,
+    text, JSON, checkpoints) goes through here. `content` is the text to write, or a function that
+    writes the file whose path it is given:
+
+        write_atomic("a.txt", "text")
+        write_atomic("a.png", lambda temporary: image.save(temporary, format="PNG"))
+        write_atomic("checkpoint.pt", lambda temporary: torch.save(state, temporary))
+
+    The content goes to a temporary file `.<name>.<random>.tmp` in the same folder (made if
+    needed), which then takes `path`'s place with os.replace: an atomic rename, as both lie on one
+    file system. A failure (a full or read-only disk, Ctrl-C) removes the temporary file and
+    raises; a kill -9 between the write and the rename leaves it behind, hidden by its dot."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # The temporary file lives in the same folder, so os.replace is an atomic rename.
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG")
+        if callable(content):
+            content(temporary)
+        else:
+            with open(temporary, "w") as file:
+                file.write(content)
         os.chmod(temporary, 0o644)  # mkstemp makes the file private; give it the usual rights
         os.replace(temporary, path)
     except BaseException:
@@ -270,16 +285,21 @@ def label_to_pil(label, palette):
     return image
 
 
+def save_png(path, image):
+    """Write a PIL image as a PNG, atomically (write_atomic)."""
+    write_atomic(path, lambda temporary: image.save(temporary, format="PNG"))
+
+
 def save_label_png(path, label, palette):
     """Write a label map (H, W) as a palette PNG (mode P), atomically."""
-    _save_atomic(label_to_pil(label, palette), path)
+    save_png(path, label_to_pil(label, palette))
 
 
 def save_confidence_png(path, confidence):
     """Write a confidence map (H, W) in [0, 1] as an 8-bit grayscale PNG (0..255)."""
     confidence = confidence.cpu() if isinstance(confidence, torch.Tensor) else confidence
     confidence = np.clip(np.asarray(confidence, dtype=np.float32), 0.0, 1.0)
-    _save_atomic(Image.fromarray(np.round(confidence * 255).astype(np.uint8)), path)
+    save_png(path, Image.fromarray(np.round(confidence * 255).astype(np.uint8)))
 
 
 def colorize(label, palette):
@@ -531,7 +551,7 @@ def check_files(dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. On-disk layouts (DATASETS.md). Each returns (image_paths, label_paths, lut).
+# 5. On-disk layouts (docs/DATASETS.md). Each returns (image_paths, label_paths, lut).
 
 def _find_folder(candidates, what):
     for folder in candidates:
@@ -682,7 +702,7 @@ DATASETS = {
 
 def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0.5, 2.0),
                   label_root=None, classes_from=None, jitter=0.2):
-    """A SegmentationFolder for one split of a named layout (see DATASETS.md).
+    """A SegmentationFolder for one split of a named layout (see docs/DATASETS.md).
 
     name: synthetic, voc, cityscapes, pascal_context, camvid, ade20k, or folder (any image tree;
     split is a sub-folder, or "" for root itself). For "folder", label_root pairs every image with
@@ -708,7 +728,7 @@ def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0
     elif name in DATASETS:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset root not found: {root} (expected the {name} layout "
-                                    "described in DATASETS.md)")
+                                    "described in docs/DATASETS.md)")
         images, labels, lut = DATASETS[name][0](root, split)
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS) + ['folder']}")
@@ -904,14 +924,6 @@ def draw_synthetic_sample(rng, image_size=64, **knobs):
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8), label
 
 
-def _write_text_atomic(path, text):
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
-
-
 def make_synthetic(root, seed=0, image_size=64, counts=None, **knobs):
     """Write the synthetic benchmark under root, once; returns root.
 
@@ -951,8 +963,8 @@ def make_synthetic(root, seed=0, image_size=64, counts=None, **knobs):
             # Plain saves, not atomic ones: the DONE file written last already marks completion.
             label_path = os.path.join(root, "labels", split, sample_id + ".png")
             label_to_pil(label, SYNTHETIC_PALETTE).save(label_path)
-        _write_text_atomic(os.path.join(root, split + ".txt"), "".join(i + "\n" for i in ids))
-    _write_text_atomic(done_path, json.dumps(settings, indent=2) + "\n")
+        write_atomic(os.path.join(root, split + ".txt"), "".join(i + "\n" for i in ids))
+    write_atomic(done_path, json.dumps(settings, indent=2) + "\n")
     return root
 
 
@@ -977,7 +989,7 @@ def make_camvid_small(source_root, root, size=(180, 240), count=None):
     splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(source_root, s))]
     if not splits:
         raise FileNotFoundError(f"CamVid not found at {source_root}: expected train/, val/ and test/ with "
-                                "trainannot/, valannot/ and testannot/ (DATASETS.md)")
+                                "trainannot/, valannot/ and testannot/ (docs/DATASETS.md)")
     height, width = size
     for split in splits:
         images, labels, _ = _camvid_files(source_root, split)
@@ -989,7 +1001,7 @@ def make_camvid_small(source_root, root, size=(180, 240), count=None):
             read_image(image_path).resize((width, height), Image.BILINEAR).save(os.path.join(root, split, name))
             raw = Image.fromarray(read_label_png(label_path))
             raw.resize((width, height), Image.NEAREST).save(os.path.join(root, split + "annot", name))
-    _write_text_atomic(done_path, json.dumps(settings, indent=2) + "\n")
+    write_atomic(done_path, json.dumps(settings, indent=2) + "\n")
     return root
 
 
@@ -1037,7 +1049,7 @@ def compute_centroids(dataset, tile=None, cache_path=None):
                     centroids[class_index].append((index, top + y, left + x))
     if cache_path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        _write_text_atomic(cache_path, json.dumps({"key": key, "centroids": centroids}))
+        write_atomic(cache_path, json.dumps({"key": key, "centroids": centroids}))
     return centroids
 
 

@@ -2,7 +2,7 @@
 
     # mIoU + per-class IoU table of a checkpoint on a split
     python eval.py --checkpoint runs/teacher/checkpoint.pt --data-root data/synthetic --split test
-    # the same, plus FPS at 512x512 (protocol of DATASETS.md) and coloured prediction PNGs
+    # the same, plus FPS at 512x512 (protocol of docs/DATASETS.md) and coloured prediction PNGs
     python eval.py --checkpoint runs/student/checkpoint.pt --data-root data/synthetic --split val \
         --fps --fps-size 512 512 --save-pred runs/student/pred
     # offline pseudo labels (Zhu et al. 2020) for any image folder, with flip + multi-scale TTA
@@ -14,6 +14,11 @@
         --data-root /data/cityscapes --split val --window 1024 1024 --submission runs/city/val_ids
     # FPS only, of an untrained architecture (no checkpoint, no data)
     python eval.py --model deeplabv2_mobilenetv2 --num-classes 19 --fps --fps-size 512 512
+
+What is in this file, top to bottom: the metrics, inference (whole image, sliding window, TTA),
+speed and size, prediction PNGs and submission files, pseudo-label diagnostics, the command line;
+then, in a section of their own, the operational helpers that train.py and kd_seg.py share
+(option checks, safe checkpoint loading, output-folder locks, one-line errors).
 
 mIoU comes from one confusion matrix (one `bincount`) accumulated over the whole split at the
 label's own resolution (logits are upsampled, labels never downsampled). Classes that never
@@ -105,7 +110,7 @@ def format_table(metrics, class_names):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- inference
 def autocast_context(device, amp):
     """`amp` in off/auto/bf16/fp16 -> (context manager, dtype or None). AMP is CUDA only here:
     CPU autocast is slower than fp32 for these convolutions, so "auto" means fp32 on CPU."""
@@ -116,109 +121,6 @@ def autocast_context(device, amp):
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return torch.amp.autocast(device.type, dtype=dtype), dtype
-
-
-def format_eta(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def check_device(name):
-    """`name` as a torch.device, refused in one line when it is no device or not on this machine."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device: unknown device '{name}'; expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
-                         "use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def load_checkpoint_dict(path):
-    """The plain dict of a train.py checkpoint, read with `weights_only=True`: tensors, containers,
-    numbers and strings only. A pickle can hold any object, and unpickling an object runs its
-    `__reduce__`, so a downloaded file could otherwise run code; anything else (such an object, a
-    truncated or random file, a bare state_dict) is refused in one line naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message: "... unsupported GLOBAL posix.system ..."
-        if "GLOBAL" in str(e):
-            raise ValueError(f"{path}: refused: it holds Python objects besides tensors, containers, "
-                             "numbers and strings, and loading them could run code") from None
-        raise ValueError(f"{path}: not a kd-seg checkpoint (UnpicklingError)") from None
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise ValueError(f"{path}: not a kd-seg checkpoint ({type(e).__name__})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
-            and isinstance(ckpt.get("args"), dict) and {"model", "num_classes"} <= set(ckpt["args"])):
-        raise ValueError(f"{path}: not a kd-seg checkpoint (expected train.py's dict with 'model' "
-                         "and 'args', e.g. not a bare state_dict)")
-    return ckpt
-
-
-def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
-    """Rebuild the model saved by train.py; clear errors for a wrong file, model or class count."""
-    try:
-        ckpt = load_checkpoint_dict(path)
-    except ValueError as error:
-        if "refused" in str(error):  # objects a safe load refuses: no published file holds them
-            raise
-        try:  # is it a plain weights file? (truncated, random: the line above says what it is not)
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise error from None
-        # a published teacher (torchvision / mmsegmentation / CIRKD, README "Published teachers"),
-        # recognised from its keys and shapes and loaded strictly and safely, or one line
-        model = models.load_published(path, name=expect_model)
-        if expect_classes and expect_classes != model.num_classes:
-            raise ValueError(f"{path}: checkpoint has {model.num_classes} classes, the dataset has "
-                             f"{expect_classes}") from None
-        return model.to(device).eval(), None
-    args = ckpt["args"]
-    name, num_classes = args["model"], args["num_classes"]
-    if expect_model and expect_model != name:
-        raise ValueError(f"{path}: checkpoint holds model {name}, expected {expect_model}")
-    if expect_classes and expect_classes != num_classes:
-        raise ValueError(f"{path}: checkpoint has {num_classes} classes, the dataset has "
-                         f"{expect_classes}")
-    if name not in models.MODEL_NAMES:
-        raise ValueError(f"{path}: checkpoint holds unknown model {name!r}")
-    model = models.build_model(name, num_classes, output_stride=args.get("output_stride", 8),
-                               aux=args.get("aux_weight", 0) > 0)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # torch's message lists every tensor: keep its first detail line
-        detail = (str(e).splitlines() + [""])[1].strip()
-        raise ValueError(f"{path}: weights do not fit {name} ({detail})") from None
-    return model.to(device).eval(), ckpt
-
-
-def weights_digest(model):
-    """SHA-256 of a model's tensors (names, dtypes, shapes, values): what ties a folder of
-    predictions to the weights that made them, whatever file or path the weights came from."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # the raw bytes
-    return digest.hexdigest()
-
-
-@torch.inference_mode()
-def check_finite_outputs(model, images, source, autocast=nullcontext()):
-    """Stop before any work when `model` (from `source`, a checkpoint path) outputs NaN or inf on
-    `images`: weights holding NaN/inf make every distillation step non-finite and every pseudo
-    label class 0, without another sign."""
-    with autocast:
-        logits = model(images)["out"]
-    if not torch.isfinite(logits).all():
-        raise ValueError(f"{source}: the model's outputs on the first batch are not finite "
-                         "(NaN or inf in its weights?)")
 
 
 def logits_full(model, x, window=None):
@@ -273,7 +175,7 @@ def evaluate(model, loader, device, num_classes, amp="off", scales=(1.0,), flip=
 @torch.inference_mode()
 def measure_fps(model, size, device, amp="off", warmup=10, iters=200, min_seconds=5.0,
                 include_upsample=True):
-    """FPS protocol of DATASETS.md: batch 1, eval mode, input already on the device, >= 10
+    """FPS protocol of docs/DATASETS.md: batch 1, eval mode, input already on the device, >= 10
     warm-up forwards, then time until `iters` iterations or `min_seconds` have passed."""
     model.eval()
     device = torch.device(device)
@@ -326,87 +228,16 @@ def count_params(model):
                if not name.startswith("aux_head."))
 
 
-# ----------------------------------------------------------------------------- output folders, PNGs
-_HELD_LOCKS = set()  # the locks this process holds: its own pid in a lock it does not hold is stale
-
-
-@contextlib.contextmanager
-def lock_output_dir(out_dir):
-    """Hold the lock of the folder `out_dir` while writing it: `<out_dir>.lock`, beside the folder
-    (so that its "empty or ours" checks never see the lock), holds the writer's pid. A second
-    writer is refused in one line naming the folder and that pid; a lock whose process no longer
-    runs (kill -9 leaves it behind) is taken over. Released on every exit, error or Ctrl-C.
-
-        with evaluation.lock_output_dir(args.out):
-            ...  # check the folder, then write into it
-
-    Two processes taking over the same stale lock in the very same instant could both win: it
-    guards against a second command, not against a race of microseconds."""
-    out_dir = Path(out_dir).resolve()
-    lock = out_dir.with_name(out_dir.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one creator wins
-            break
-        except FileExistsError:
-            pid = live_lock_owner(lock)
-            if pid is not None:
-                raise ValueError(f"{out_dir}: folder is being written by process {pid}; wait for it "
-                                 f"to end (or delete {lock} if that process is not kd-seg)") from None
-            lock.unlink(missing_ok=True)  # stale: its writer was killed
-    with os.fdopen(handle, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    _HELD_LOCKS.add(lock)
-    try:
-        yield out_dir
-    finally:
-        _HELD_LOCKS.discard(lock)
-        lock.unlink(missing_ok=True)
-
-
-def live_lock_owner(lock):
-    """The pid written in `lock` if that process still runs, else None (a stale lock)."""
-    for _ in range(20):  # a new lock is empty for the instant between its creation and its write
-        try:
-            text = Path(lock).read_text().strip()
-        except FileNotFoundError:
-            return None
-        if text:
-            break
-        time.sleep(0.05)
-    try:
-        pid = int(text)
-    except ValueError:
-        return None
-    if pid == os.getpid():  # ours only if we hold it (pids are reused, e.g. in a new container)
-        return pid if Path(lock) in _HELD_LOCKS else None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # it runs, as another user
-    return pid
-
-
-def claim_output_dir(out_dir, owner):
-    """A run never overwrites results it did not produce: `out_dir` must be new, empty, or
-    carry our marker with the same `owner` dict (then we resume)."""
-    out_dir = Path(out_dir)
-    marker = out_dir / "kd_seg_run.json"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: is a file, not a folder")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not marker.exists():
-            raise ValueError(f"{out_dir}: folder holds files kd-seg did not write; "
-                             "choose a new output folder")
-        if json.loads(marker.read_text()) != owner:
-            raise ValueError(f"{out_dir}: folder holds results of another run ({marker}); "
-                             "choose a new output folder")
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, json.dumps(owner, indent=1))
+# ----------------------------------------------------------------------------- prediction PNGs and submission files
+def weights_digest(model):
+    """SHA-256 of a model's tensors (names, dtypes, shapes, values): what ties a folder of
+    predictions to the weights that made them, whatever file or path the weights came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # the raw bytes
+    return digest.hexdigest()
 
 
 def predict_missing(model, dataset, done, what, device, amp="off", scales=(1.0,), flip=False,
@@ -452,7 +283,7 @@ def save_predictions(model, dataset, out_dir, device, amp="off", threshold=0.0, 
             label = label.cpu().numpy().astype(np.uint8)
             datasets.save_confidence_png(out_dir / "confidence" / f"{name}.png",
                                          confidence.cpu().numpy())
-            save_image_atomic(datasets.colorize(label, dataset.palette), out_dir / "color" / f"{name}.png")
+            datasets.save_png(out_dir / "color" / f"{name}.png", datasets.colorize(label, dataset.palette))
             datasets.save_label_png(out_dir / f"{name}.png", label, dataset.palette)  # last: "done"
 
 
@@ -486,7 +317,7 @@ def save_submission(model, dataset, dataset_name, out_dir, device, amp="off", sc
             # VOC's devkit reads palette PNGs; Cityscapes and ADE20K single-channel (mode L) ids
             picture = (datasets.label_to_pil(ids, datasets.voc_palette(256)) if dataset_name == "voc"
                        else Image.fromarray(ids))
-            save_image_atomic(picture, out_dir / names[i])
+            datasets.save_png(out_dir / names[i], picture)
 
 
 def output_names(dataset):
@@ -499,30 +330,7 @@ def output_names(dataset):
     return [str(p.relative_to(root).with_suffix("")) for p in paths]
 
 
-def save_image_atomic(image, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk leaves no half-written temporary file
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path, text):
-    """`path` holds `text` in full or is unchanged (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# ----------------------------------------------------------------------------- diagnostics
+# ----------------------------------------------------------------------------- pseudo-label diagnostics
 def pseudo_label_diagnostics(pred_dir, dataset, thresholds=(0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)):
     """Quality of saved pseudo labels against held-back labels, per confidence threshold:
     mIoU of the kept pixels, precision (accuracy of kept pixels) and coverage (kept fraction)."""
@@ -564,10 +372,10 @@ def plot_diagnostics(rows, path, size=(420, 300)):
     for v in (0, 0.5, 1):
         draw.text((5, bottom - (bottom - top) * v - 5), f"{v:.1f}", fill="black")
         draw.text((left + (right - left) * v - 8, bottom + 4), f"{v:.1f}", fill="black")
-    save_image_atomic(image, path)
+    datasets.save_png(path, image)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- command line
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a kd-seg checkpoint: mIoU, FPS, PNGs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -594,30 +402,13 @@ def get_args_parser():
                         "1..150, VOC palette PNGs), one per image in one flat folder")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="with --save-pred: pixels below this confidence become 255 (ignore)")
-    p.add_argument("--fps", action="store_true", help="measure FPS (DATASETS.md protocol)")
+    p.add_argument("--fps", action="store_true", help="measure FPS (docs/DATASETS.md protocol)")
     p.add_argument("--fps-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     p.add_argument("--fps-iters", type=int, default=200, help="timed iterations (protocol: 200)")
     p.add_argument("--fps-seconds", type=float, default=5.0, help="or at least this long")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
-
-
-def check_number(option, value, low=0, high=math.inf, low_open=False, high_open=False):
-    """Refuse in one line naming `option` a value that is NaN, infinite or outside [low, high]
-    (open ends where asked). `value <= 0` alone would let NaN through: every comparison with NaN
-    is False, and --lr nan trains NaN weights."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not math.isfinite(value):
-        raise ValueError(f"{option} must be a finite number, got {value}")
-    if not (above and below):
-        if high == math.inf:
-            expected = ("positive" if low == 0 else f"> {low}") if low_open else \
-                ("non-negative" if low == 0 else f">= {low}")
-        else:
-            expected = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{option} must be {expected}, got {value}")
 
 
 def check_args(args):
@@ -718,10 +509,207 @@ def main(args):
               f"iters) | {f['device']} | {f['dtype']} | torch {f['torch']} | upsample+argmax "
               f"included")
     if args.json:
-        write_text_atomic(args.json, json.dumps(results, indent=1))
+        datasets.write_atomic(args.json, json.dumps(results, indent=1))
     return results
 
 
+# =============================================================================================
+# Operational helpers: option checks, safe checkpoint loading, output-folder locks, one-line
+# errors. Nothing here is about segmentation or distillation; train.py and kd_seg.py use them
+# too: eval.py is the lowest file that all three import and that may import models.py. Skip this
+# part on a first reading.
+
+
+# --- option checks
+def check_number(option, value, low=0, high=math.inf, low_open=False, high_open=False):
+    """Refuse in one line naming `option` a value that is NaN, infinite or outside [low, high]
+    (open ends where asked). `value <= 0` alone would let NaN through: every comparison with NaN
+    is False, and --lr nan trains NaN weights."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not math.isfinite(value):
+        raise ValueError(f"{option} must be a finite number, got {value}")
+    if not (above and below):
+        if high == math.inf:
+            expected = ("positive" if low == 0 else f"> {low}") if low_open else \
+                ("non-negative" if low == 0 else f">= {low}")
+        else:
+            expected = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{option} must be {expected}, got {value}")
+
+
+def check_device(name):
+    """`name` as a torch.device, refused in one line when it is no device or not on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: unknown device '{name}'; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
+                         "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+# --- safe checkpoint loading
+def load_checkpoint_dict(path):
+    """The plain dict of a train.py checkpoint, read with `weights_only=True`: tensors, containers,
+    numbers and strings only. A pickle can hold any object, and unpickling an object runs its
+    `__reduce__`, so a downloaded file could otherwise run code; anything else (such an object, a
+    truncated or random file, a bare state_dict) is refused in one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message: "... unsupported GLOBAL posix.system ..."
+        if "GLOBAL" in str(e):
+            raise ValueError(f"{path}: refused: it holds Python objects besides tensors, containers, "
+                             "numbers and strings, and loading them could run code") from None
+        raise ValueError(f"{path}: not a kd-seg checkpoint (UnpicklingError)") from None
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise ValueError(f"{path}: not a kd-seg checkpoint ({type(e).__name__})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("args"), dict) and {"model", "num_classes"} <= set(ckpt["args"])):
+        raise ValueError(f"{path}: not a kd-seg checkpoint (expected train.py's dict with 'model' "
+                         "and 'args', e.g. not a bare state_dict)")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
+    """Rebuild the model saved by train.py; clear errors for a wrong file, model or class count."""
+    try:
+        ckpt = load_checkpoint_dict(path)
+    except ValueError as error:
+        if "refused" in str(error):  # objects a safe load refuses: no published file holds them
+            raise
+        try:  # is it a plain weights file? (truncated, random: the line above says what it is not)
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise error from None
+        # a published teacher (torchvision / mmsegmentation / CIRKD, README "Published teachers"),
+        # recognised from its keys and shapes and loaded strictly and safely, or one line
+        model = models.load_published(path, name=expect_model)
+        if expect_classes and expect_classes != model.num_classes:
+            raise ValueError(f"{path}: checkpoint has {model.num_classes} classes, the dataset has "
+                             f"{expect_classes}") from None
+        return model.to(device).eval(), None
+    args = ckpt["args"]
+    name, num_classes = args["model"], args["num_classes"]
+    if expect_model and expect_model != name:
+        raise ValueError(f"{path}: checkpoint holds model {name}, expected {expect_model}")
+    if expect_classes and expect_classes != num_classes:
+        raise ValueError(f"{path}: checkpoint has {num_classes} classes, the dataset has "
+                         f"{expect_classes}")
+    if name not in models.MODEL_NAMES:
+        raise ValueError(f"{path}: checkpoint holds unknown model {name!r}")
+    model = models.build_model(name, num_classes, output_stride=args.get("output_stride", 8),
+                               aux=args.get("aux_weight", 0) > 0)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # torch's message lists every tensor: keep its first detail line
+        detail = (str(e).splitlines() + [""])[1].strip()
+        raise ValueError(f"{path}: weights do not fit {name} ({detail})") from None
+    return model.to(device).eval(), ckpt
+
+
+@torch.inference_mode()
+def check_finite_outputs(model, images, source, autocast=nullcontext()):
+    """Stop before any work when `model` (from `source`, a checkpoint path) outputs NaN or inf on
+    `images`: weights holding NaN/inf make every distillation step non-finite and every pseudo
+    label class 0, without another sign."""
+    with autocast:
+        logits = model(images)["out"]
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{source}: the model's outputs on the first batch are not finite "
+                         "(NaN or inf in its weights?)")
+
+
+# --- output folders: one writer at a time, never over another run's files
+_HELD_LOCKS = set()  # the locks this process holds: its own pid in a lock it does not hold is stale
+
+
+@contextlib.contextmanager
+def lock_output_dir(out_dir):
+    """Hold the lock of the folder `out_dir` while writing it: `<out_dir>.lock`, beside the folder
+    (so that its "empty or ours" checks never see the lock), holds the writer's pid. A second
+    writer is refused in one line naming the folder and that pid; a lock whose process no longer
+    runs (kill -9 leaves it behind) is taken over. Released on every exit, error or Ctrl-C.
+
+        with evaluation.lock_output_dir(args.out):
+            ...  # check the folder, then write into it
+
+    Two processes taking over the same stale lock in the very same instant could both win: it
+    guards against a second command, not against a race of microseconds."""
+    out_dir = Path(out_dir).resolve()
+    lock = out_dir.with_name(out_dir.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one creator wins
+            break
+        except FileExistsError:
+            pid = live_lock_owner(lock)
+            if pid is not None:
+                raise ValueError(f"{out_dir}: folder is being written by process {pid}; wait for it "
+                                 f"to end (or delete {lock} if that process is not kd-seg)") from None
+            lock.unlink(missing_ok=True)  # stale: its writer was killed
+    with os.fdopen(handle, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    _HELD_LOCKS.add(lock)
+    try:
+        yield out_dir
+    finally:
+        _HELD_LOCKS.discard(lock)
+        lock.unlink(missing_ok=True)
+
+
+def live_lock_owner(lock):
+    """The pid written in `lock` if that process still runs, else None (a stale lock)."""
+    for _ in range(20):  # a new lock is empty for the instant between its creation and its write
+        try:
+            text = Path(lock).read_text().strip()
+        except FileNotFoundError:
+            return None
+        if text:
+            break
+        time.sleep(0.05)
+    try:
+        pid = int(text)
+    except ValueError:
+        return None
+    if pid == os.getpid():  # ours only if we hold it (pids are reused, e.g. in a new container)
+        return pid if Path(lock) in _HELD_LOCKS else None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it runs, as another user
+    return pid
+
+
+def claim_output_dir(out_dir, owner):
+    """A run never overwrites results it did not produce: `out_dir` must be new, empty, or
+    carry our marker with the same `owner` dict (then we resume)."""
+    out_dir = Path(out_dir)
+    marker = out_dir / "kd_seg_run.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file, not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not marker.exists():
+            raise ValueError(f"{out_dir}: folder holds files kd-seg did not write; "
+                             "choose a new output folder")
+        if json.loads(marker.read_text()) != owner:
+            raise ValueError(f"{out_dir}: folder holds results of another run ({marker}); "
+                             "choose a new output folder")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datasets.write_atomic(marker, json.dumps(owner, indent=1))
+
+
+# --- one-line errors and progress lines
 def one_line(error):
     """The message of an error as one line: a DataLoader worker's error arrives with the worker's
     whole traceback in its message (its last line is the error); an OSError is path: reason."""
@@ -749,6 +737,11 @@ def report_errors(function, *args, **kwargs):
         message = one_line(e)
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def format_eta(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ for _name, _recipe in RECIPES.items():
 # demo": oneDNN also sizes its blocking to the machine, and measured tables still differ).
 REPRODUCIBLE_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "AVX2"}
-# the cost columns' input size: the resolution each dataset is evaluated at (DATASETS.md)
+# the cost columns' input size: the resolution each dataset is evaluated at (docs/DATASETS.md)
 FPS_SIZE = {"cityscapes": (1024, 2048)}
 QUICK_COUNTS = {"train": 32, "unlabeled": 64, "val": 16, "test": 32}
 # torchvision's ImageNet checkpoints (the V1 weights) by backbone; --weights-dir holds these names
@@ -560,8 +560,8 @@ def write_partition(dataset, data_root, k, folder):
     folder.mkdir(parents=True, exist_ok=True)
     for name, indices in ((f"unlabeled_1-{k}.txt", order[count:]), (f"labeled_1-{k}.txt", order[:count])):
         lines = [os.path.relpath(train_set.image_paths[i], data_root) for i in sorted(indices)]
-        (folder / (name + ".tmp")).write_text("".join(line + "\n" for line in lines))
-        os.replace(folder / (name + ".tmp"), folder / name)   # the labeled list last: "done"
+        # the labeled list last: "done"
+        datasets.write_atomic(folder / name, "".join(line + "\n" for line in lines))
 
 
 def command_line(script, argv, env=None):
@@ -752,7 +752,7 @@ def train_seconds(run_dirs):
 
 
 def cost_of(checkpoint, fps_size, quick, threads, json_path):
-    """Params, GMACs and FPS of a trained model as deployed (eval.py --fps, DATASETS.md protocol),
+    """Params, GMACs and FPS of a trained model as deployed (eval.py --fps, docs/DATASETS.md protocol),
     measured here after every training so that nothing else runs beside it. Cached in json_path."""
     argv = ["--checkpoint", str(checkpoint), "--fps", "--fps-size", *map(str, fps_size),
             "--json", str(json_path)] + (["--fps-iters", "5", "--fps-seconds", "0.5"] if quick else [])
@@ -787,7 +787,7 @@ def picture_grid(checkpoints, dataset, path, count=6, width=160, header=16):
             pictures.append(datasets.colorize(pred.numpy(), dataset.palette))
         for col, pic in enumerate(pictures):
             grid.paste(pic.resize(size, Image.NEAREST), (col * (size[0] + 4), header + row * (size[1] + 4)))
-    evaluation.save_image_atomic(grid, path)
+    datasets.save_png(path, grid)
     return names
 
 
@@ -827,7 +827,7 @@ def run(args):
               f"and {out / 'REPORT.md'}")
         return None
     if not demo and not Path(data_root).is_dir():
-        raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of DATASETS.md)")
+        raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of docs/DATASETS.md)")
     jobs, run_dirs, teachers, pre_steps = plan(setting, args, out, data_root)   # may fail: before any write
     with evaluation.lock_output_dir(out):   # one kd_seg.py per output folder
         return execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps,
@@ -923,10 +923,8 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
                    f"{100 * d['coverage']:.1f} |" for d in diagnostics]
         report += ["", "![pseudo-label diagnostics](pseudo_label_diagnostics.png)", ""]
     report += ["## Commands", "", "```", *[command_line(s, a, env) for _, s, a, _ in jobs], "```", ""]
-    tmp = out / "REPORT.tmp"
-    tmp.write_text("\n".join(report))
-    os.replace(tmp, out / "REPORT.md")
-    (out / "results.json").write_text(json.dumps({"rows": table_rows, "diagnostics": diagnostics}, indent=1))
+    datasets.write_atomic(out / "REPORT.md", "\n".join(report))
+    datasets.write_atomic(out / "results.json", json.dumps({"rows": table_rows, "diagnostics": diagnostics}, indent=1))
     print(f"wrote {out / 'REPORT.md'} | total {evaluation.format_eta(elapsed)}")
     return table_rows
 
@@ -957,7 +955,7 @@ def median_and_spread(values):
 
 def benchmark(args):
     """The README's speed numbers, each the median over interleaved rounds with its range:
-    (1) CPU FPS of Xie et al.'s pair at 512x512 (DATASETS.md protocol); (2) what the distillation
+    (1) CPU FPS of Xie et al.'s pair at 512x512 (docs/DATASETS.md protocol); (2) what the distillation
     terms cost: a demo step with every labeled term against a plain student step plus a teacher
     forward; (3) train.py's own step against the same step on a fixed batch, in interleaved
     rounds. (2) and (3) run in one process set up as the demo's jobs (one thread, REPRODUCIBLE_CPU)."""
@@ -1019,14 +1017,16 @@ def demo_step_benchmark(data_root):
             output = student(images)
             terms = {"ce": train.task_loss(output, labels, task)}
             if distiller is not None:
-                terms.update(distiller.terms(student, output, images, labels, step=0))
+                teacher_outputs = distiller.teacher_outputs(images)
+                terms.update(distiller.terms(student, output, images, labels, step=0, teacher_outputs=teacher_outputs))
             loss = distiller.weighted_sum(terms) if distiller else terms["ce"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if d_optimizer is not None:
                 d_optimizer.zero_grad()
-                distiller.discriminator_loss(images, output["out"].detach()).backward()
+                teacher_logits = teacher_outputs[0][0]["out"]
+                distiller.discriminator_loss(images, output["out"].detach(), teacher_logits).backward()
                 d_optimizer.step()
         return step
 

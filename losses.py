@@ -3,7 +3,7 @@
 Every term takes tensors and returns a scalar tensor. No term applies its own loss weight
 (lambda_gp, lambda_1, lambda_2, ...): weights are applied in one place, by the caller (the
 `Distiller` below), so that the README's "paper vs code default" table maps to one dict.
-The specification with every formula, normalisation and default is METHODS.md.
+The specification with every formula, normalisation and default is docs/METHODS.md.
 
 Papers:
   Xie et al., BMVC 2018   "Improving Fast Segmentation With Teacher-student Learning"
@@ -67,7 +67,7 @@ def _upcast(x):
 def resize_like(x, ref):
     """Bilinearly resize `x` (N, C, h, w) to the spatial size of `ref` (align_corners=False).
 
-    The one place where a teacher map is brought to the student's resolution (METHODS.md,
+    The one place where a teacher map is brought to the student's resolution (docs/METHODS.md,
     general rules); every loss below expects equal spatial sizes. No-op when sizes match.
     """
     if x.shape[-2:] == ref.shape[-2:]:
@@ -113,7 +113,7 @@ def consistency_kd(student_logits, teacher_logits, average_neighbours=False):
 
     D_m,i,k = ||p_m,i - p_m,i+k||^2 over the 8 neighbours k (replicate padding), m in {s, t}.
     This is the project's reconstruction from secondary descriptions, NOT the paper's own
-    formula, which could not be obtained (METHODS.md, section 1). `average_neighbours=True`
+    formula, which could not be obtained (docs/METHODS.md, section 1). `average_neighbours=True`
     first averages over k (C_m,i = mean_k D_m,i,k) and then takes the mean over |Omega| of
     (C_s,i - C_t,i)^2; it is an option, not the default. Unweighted (weight b applied outside).
     """
@@ -297,7 +297,7 @@ def generator_loss(d_fake):
 
 
 # ---------------------------------------------------------------------------------------
-# FGFI (Wang et al. 2019), adapted to segmentation (METHODS.md, section 3)
+# FGFI (Wang et al. 2019), adapted to segmentation (docs/METHODS.md, section 3)
 
 def connected_components(mask):
     """8-connected components of a boolean mask (H, W) or (N, H, W), without scipy.
@@ -624,8 +624,26 @@ class Distiller(nn.Module):
     Holds the frozen teacher(s) and the small trainable pieces that distillation adds (FGFI's
     adaptation layer, CWD's feature alignment, SKD's discriminator). The teachers are kept in
     a plain list so they are neither trained, nor moved by `.train()`, nor saved in the
-    student's checkpoints.
-    `terms()` returns every unweighted term as a float32 scalar; `weighted_sum()` combines them.
+    student's checkpoints. One training step, as train.py runs it:
+
+        batches = distiller.teacher_batches(images, unlabeled, mix_mask)
+        teacher_outputs = distiller.teacher_outputs(*batches)      # one forward per teacher
+        terms = {"ce": task_loss, **distiller.terms(student, output, images, labels, step,
+                                                    unlabeled, mix_mask, autocast, teacher_outputs)}
+        loss = distiller.weighted_sum(terms)                       # student step on `loss`
+        d_loss = distiller.discriminator_loss(images, output["out"].detach(),
+                                              teacher_outputs[0][0]["out"])   # SKD's D step
+
+    `terms` returns every unweighted term as a float32 scalar, by name, paper by paper: on the
+    labeled batch (`labeled_terms`), then on the unlabeled batch (`xie_unlabeled_terms` or
+    `mgd_unlabeled_terms`). The weights (`weights`, train.py --kd; `weight` says which applies):
+
+        labeled batch    ce + sum_k lambda_k r_k             pixel, consistency, cwd, cwd_feat,
+                                                             pairwise, holistic, imitation, mgd_pixel
+        Xie, unlabeled   lambda * [CE(argmax T) + a L_p + b L_c]      u_ce, u_pixel, u_consistency
+                         (lambda: "unlabeled"; a, b: "pixel", "consistency")
+        MGD, unlabeled   mgd_pixel * CE(argmax T_D, T_W) + lambda_1 L_image + lambda_2 L_region
+                                                             u_mgd_pixel, mgd_image, mgd_region
     """
 
     def __init__(self, teacher, weights, student_channels, num_classes, *, wide_teacher=None,
@@ -660,13 +678,24 @@ class Distiller(nn.Module):
         self.mixes_unlabeled = wide_teacher is not None and bool(
             {"mgd_pixel", "mgd_image", "mgd_region"} & set(self.weights))  # MGD: CutMix pairs
         self.uses_unlabeled = self.mixes_unlabeled or "unlabeled" in self.weights
-        self._last_teacher_logits = None
 
     def student_side_parameters(self):
         """Parameters trained with the student (FGFI's adaptation layer, CWD's feature
         alignment); D has its own optimiser."""
         return [p for layer in (self.adaptation, self.cwd_align) if layer is not None
                 for p in layer.parameters()]
+
+    # ------------------------------------------------------------------ the teachers' forward
+    def teacher_batches(self, images, unlabeled=None, mix_mask=None):
+        """Every batch the teachers see in one step, the labeled `images` first; then MGD's
+        CutMix of the two halves of `unlabeled` and each half (`mix_mask`: its boxes, see
+        `terms`), or Xie's unlabeled batch, or nothing."""
+        if unlabeled is not None and self.mixes_unlabeled:
+            halves = unlabeled.chunk(2)
+            return [images, halves[0] * (1 - mix_mask) + halves[1] * mix_mask, *halves]
+        if unlabeled is not None and "unlabeled" in self.weights:
+            return [images, unlabeled]
+        return [images]
 
     @torch.no_grad()
     def teacher_outputs(self, *batches):
@@ -686,61 +715,67 @@ class Distiller(nn.Module):
         return [[{name: parts[b] for name, parts in out.items()} for out in per_teacher]
                 for b in range(len(batches))]
 
+    # ------------------------------------------------------------------ the terms, paper by paper
     def terms(self, student, output, images, labels, step, unlabeled=None, mix_mask=None,
-              autocast=None):
+              autocast=None, teacher_outputs=None):
         """Every active unweighted term for one step (float32 scalars), by name.
 
         student: the (possibly DDP-wrapped) student, called again for unlabeled batches;
         output: its output dict on `images`; unlabeled: a batch of unlabeled images or None;
-        mix_mask: MGD's CutMix boxes (N/2, 1, H, W) of 0/1 mixing the two halves of `unlabeled`.
+        mix_mask: MGD's CutMix boxes (N/2, 1, H, W) of 0/1 mixing the two halves of `unlabeled`;
+        teacher_outputs: `teacher_outputs(*teacher_batches(images, unlabeled, mix_mask))` where
+        the caller needs them too (train.py: SKD's D step), else None: computed here.
         """
         autocast = autocast or contextlib.nullcontext()
+        batches = self.teacher_batches(images, unlabeled, mix_mask)
+        if teacher_outputs is None:
+            with autocast:
+                teacher_outputs = self.teacher_outputs(*batches)
+        terms = self.labeled_terms(images, labels, step, output, teacher_outputs[0])
+        if unlabeled is not None and self.mixes_unlabeled:
+            mixed = batches[1]
+            terms.update(self.mgd_unlabeled_terms(student, mixed, mix_mask, *teacher_outputs[1:], autocast))
+        elif unlabeled is not None and "unlabeled" in self.weights:
+            terms.update(self.xie_unlabeled_terms(student, unlabeled, teacher_outputs[1][0], autocast))
+        return terms
+
+    def labeled_terms(self, images, labels, step, output, teacher_outs):
+        """The terms on the labeled batch: the student's `output` against `teacher_outs` (each
+        teacher's output dict on `images`, the deep teacher first)."""
         w, terms = self.weights, {}
-        mgd_unlabeled = unlabeled is not None and self.mixes_unlabeled
-        xie_unlabeled = unlabeled is not None and not mgd_unlabeled and "unlabeled" in w
-        # every image the teachers see this step, in one forward per teacher: MGD's CutMix of two
-        # unlabeled halves and each half; Xie's unlabeled batch
-        if mgd_unlabeled:
-            halves = unlabeled.chunk(2)
-            extra = [halves[0] * (1 - mix_mask) + halves[1] * mix_mask, *halves]
-        else:
-            extra = [unlabeled] if xie_unlabeled else []
-        with autocast:
-            teacher_outs, *teachers_on_extra = self.teacher_outputs(images, *extra)
-        t_out = teacher_outs[0]
         s_logits, s_feat = output["out"], output["feat"]
+        t_out = teacher_outs[0]
         t_logits = resize_like(t_out["out"], s_logits)
-        self._last_teacher_logits = t_logits
+        # Xie et al.: L_p (also SKD's pixel-wise term) and L_c
         if "pixel" in w:
             terms["pixel"] = pixel_kd(s_logits, t_logits, self.tau)
         if "consistency" in w:
             terms["consistency"] = consistency_kd(s_logits, t_logits)
+        # CWD (Shu et al.): on the logits, and on the last feature as CIRKD (same tau)
         if "cwd" in w:
             terms["cwd"] = cwd(s_logits, t_logits, self.cwd_tau)
-        if "cwd_feat" in w:  # CWD on the last feature, as CIRKD (same tau as on the logits)
+        if "cwd_feat" in w:
             aligned = self.cwd_align(s_feat)
             # CIRKD divides by N * the student's channels, counted before the alignment: equal
             # to cwd's mean over channels when the counts match, C_t / C_s times it otherwise
             terms["cwd_feat"] = (cwd(aligned, resize_like(t_out["feat"], s_feat), self.cwd_tau)
                                  * aligned.shape[1] / s_feat.shape[1])
+        # SKD (Liu et al.): pair-wise and holistic (the student as the generator)
         if "pairwise" in w:
             terms["pairwise"] = pairwise_kd(s_feat, resize_like(t_out["feat"], s_feat),
                                             self.pairwise_scale, self.pairwise_kernel)
         if "holistic" in w:
             terms["holistic"] = generator_loss(self.discriminator(
                 self.discriminator.make_input(images, s_logits)))
+        # FGFI (Wang et al.)
         if "imitation" in w:
             terms["imitation"] = self.imitation(images, labels, s_feat, t_out["feat"], step)
-        if "mgd_pixel" in w:  # MGD pixel level on the labeled batch: CE to each teacher's argmax
+        # MGD (Qin et al.): pixel level on the labeled batch, CE to each teacher's argmax
+        if "mgd_pixel" in w:
             size = images.shape[-2:]
             terms["mgd_pixel"] = sum(pseudo_label_ce(mgd_upsample(s_logits, size),
                                                      mgd_upsample(t["out"], size))
                                      for t in teacher_outs)
-        if mgd_unlabeled:
-            on_mix, on_u0, on_u1 = teachers_on_extra
-            terms.update(self.mgd_unlabeled_terms(student, extra[0], mix_mask, on_mix, on_u0, on_u1, autocast))
-        elif xie_unlabeled:
-            terms.update(self.xie_unlabeled_terms(student, unlabeled, teachers_on_extra[0][0], autocast))
         return terms
 
     def imitation(self, images, labels, s_feat, t_feat, step):
@@ -794,28 +829,40 @@ class Distiller(nn.Module):
             terms["mgd_region"] = mgd_region_level(s_out["feat"], teacher_on_mix[1]["feat"])
         return terms
 
+    # ------------------------------------------------------------------ the weights
+    def weight(self, name):
+        """lambda of the term `terms` names `name`. A term on the labeled batch: its own weight
+        (the task loss "ce": 1). A term on the unlabeled batch, u_<term>: <term>'s weight times
+        Xie's lambda (the "unlabeled" weight; 1 when not given), so that u_ce, u_pixel and
+        u_consistency make lambda * [CE(argmax T) + a L_p + b L_c]. MGD's image and region
+        levels exist on the unlabeled batch only: their own lambda_1, lambda_2."""
+        on_unlabeled = name.startswith("u_")
+        base = name[2:] if on_unlabeled else name
+        weight = 1.0 if base == "ce" else self.weights.get(base, 0.0)
+        if on_unlabeled and "unlabeled" in self.weights:
+            weight *= self.weights["unlabeled"]
+        return weight
+
     def weighted_sum(self, terms):
-        """L = ce + sum_k lambda_k term_k; u_<term> (unlabeled batch) is weighted like <term>,
-        times Xie's lambda ("unlabeled") when that is set."""
+        """L = sum over the terms of weight(name) * term, in the order `terms` gave them."""
         total = 0
         for name, value in terms.items():
-            base = name[2:] if name.startswith("u_") else name
-            weight = 1.0 if base == "ce" else self.weights.get(base, 0.0)
-            if name.startswith("u_") and "unlabeled" in self.weights:
-                weight *= self.weights["unlabeled"]
-            total = total + weight * value
+            total = total + self.weight(name) * value
         return total
 
-    def discriminator_loss(self, images, student_logits):
+    # ------------------------------------------------------------------ SKD's discriminator step
+    def discriminator_loss(self, images, student_logits, teacher_logits):
         """SKD holistic, D side: lambda_d * (E[D(s)] - E[D(t)]) + lambda_d * lambda_gp * GP,
         lambda_d = the "holistic" weight (official 0.1 on both sides, networks/kd_model.py
-        discriminator_backward). In float32 on detached maps, after the student's step, on
-        this step's maps, as in the official code."""
+        discriminator_backward). `teacher_logits`: the teacher's on `images` (resized here to the
+        student's). In float32 on detached maps, after the student's step, on this step's maps,
+        as in the official code."""
         lambda_d = self.weights["holistic"]
+        teacher_logits = resize_like(teacher_logits, student_logits)
         with torch.autocast(images.device.type, enabled=False):
             d = self.discriminator
             fake = d.make_input(images.float(), student_logits.detach().float())
-            real = d.make_input(images.float(), self._last_teacher_logits.float())
+            real = d.make_input(images.float(), teacher_logits.detach().float())
             # the holistic weight scales the D step too: without it the critic's gradient
             # would be 1/lambda_d (10x) the official one beside the same weight decay
             return lambda_d * (discriminator_loss(d(fake), d(real))

@@ -24,6 +24,13 @@ atomically, so an interrupted run resumes exactly: the data order and every augm
 function of (seed, step), not of the process. While a run writes `<out>`, `<out>.lock` beside it
 holds its pid; a second writer is refused. A run whose losses keep turning non-finite stops
 unfinished (exit 2) rather than saving garbage as a result.
+
+What is in this file, top to bottom: the command line; `train` and `run` (build the data, the
+networks and the optimisers, resume, then loop: one `train_step` per iteration, then the guards,
+a log line, validation and a checkpoint when due); the training step; the guards (the first
+batch's teacher check, non-finite steps, divergence); logs, validation and checkpoints; the
+builders; torchrun; then, in a section of their own, the operational helpers (the output
+folder, --resume's arguments and state, the clean-up after a failed run).
 """
 import argparse
 import json
@@ -92,7 +99,7 @@ def get_args_parser():
                    help="autocast on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
-    g = p.add_argument_group("distillation (see losses.py and METHODS.md)")
+    g = p.add_argument_group("distillation (see losses.py and docs/METHODS.md)")
     g.add_argument("--teacher-checkpoint", help="frozen teacher: a train.py checkpoint, or a published "
                    "torchvision / mmsegmentation / CIRKD file (README: Published teachers)")
     g.add_argument("--wide-teacher-checkpoint", help="MGD's second, wide teacher")
@@ -198,7 +205,429 @@ def check_args(args):
     return weights
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- the run
+def train(args, given=None):
+    """Train per `args`; returns the final validation metrics (see eval.ConfusionMatrix).
+    `given`: the options named on the command line (given_options), for --resume."""
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
+    with evaluation.lock_output_dir(args.out) if rank0 else nullcontext():
+        resume_from = prepare_out_dir(args)
+        if resume_from is not None:
+            args = resumed_args(args, given)
+        weights = check_args(args)
+        rank, world = setup_distributed(args)
+        created = not Path(args.out).exists()
+        try:
+            metrics = run(args, weights, rank, world, resume_from)
+        except BaseException:
+            if rank == 0 and resume_from is None:
+                remove_unfinished_run(Path(args.out), created)
+            raise
+    if world > 1:  # shut down together: exiting with the group alive lets gloo abort (SIGABRT)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def run(args, weights, rank, world, resume_from):
+    """The training proper (see `train`): build, then one `train_step` per iteration with its
+    guards, logging, validation and checkpoints."""
+    device = torch.device(args.device)
+    if rank == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        datasets.write_atomic(Path(args.out) / "args.json", json.dumps(vars(args), indent=1))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # build: data, networks, optimisers, AMP; then resume (the order of the random draws that
+    # initialise the networks is part of a run's identity)
+    train_set, val_set = build_data(args)
+    args.num_classes = (train_set if val_set is None else val_set).num_classes
+    student = build_student(args, device)
+    distiller = build_distiller(args, weights, student, train_set.thing_classes, device)
+    model = student
+    if world > 1:
+        if args.sync_bn:
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        model = torch.nn.parallel.DistributedDataParallel(student)  # the teacher is never wrapped
+    optimizer, scheduler, d_optimizer, d_scheduler = build_optimizers(args, student, distiller)
+    autocast, amp_dtype = evaluation.autocast_context(device, args.amp)
+    if device.type == "cuda":  # fixed crop sizes: let cuDNN time its algorithms once and keep the fastest
+        torch.backends.cudnn.benchmark = True
+    # a GradScaler only for fp16: bf16 has float32's range and needs no loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # everything a checkpoint saves and a resume restores, by its name in the checkpoint
+    state = {"model": student, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+             "distiller": distiller, "d_optimizer": d_optimizer, "d_scheduler": d_scheduler}
+    start_step, skipped = (0, 0) if resume_from is None else resume(resume_from, state, args, rank)
+    small_crop_until = int(args.coarse2fine * args.iters)  # Zhu et al.'s coarse-to-fine switch
+    batches = labeled_batches(args, train_set, start_step, small_crop_until, rank, world)
+    unlabeled_batches = build_unlabeled_batches(args, distiller, start_step, rank, world)
+    val_loader = None if val_set is None else torch.utils.data.DataLoader(val_set, batch_size=8,
+                                                                        num_workers=args.workers)
+    if world > 1:  # decorrelate dropout across ranks (augmentation has per-sample seeds)
+        torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
+
+    # the loop: each iteration one training step, then the guards, a log line, validation and a
+    # checkpoint when they are due
+    metrics, sums, logged, in_a_row, done = {}, {}, 0, 0, start_step
+    start_time, step_time = time.perf_counter(), time.perf_counter()
+    model.train()
+    for step in range(start_step, args.iters):
+        if step == small_crop_until and 0 < step:  # coarse-to-fine: the full crop from here on
+            batches = labeled_batches(args, train_set, step, small_crop_until, rank, world)
+        finite = train_step(step, model, distiller, state, batches, unlabeled_batches, autocast, args,
+                            sums, check_teachers=step == start_step)
+        done, logged = step + 1, logged + 1
+        skipped, in_a_row = (skipped, 0) if finite else (skipped + 1, in_a_row + 1)
+        check_divergence(skipped, in_a_row, done, args.iters)
+        if rank == 0 and (done % args.log_every == 0 or done == args.iters):
+            log_progress(done, sums, logged, step_time, scheduler.get_last_lr()[0], args, world)
+            sums, logged, step_time = {}, 0, time.perf_counter()
+        last = done == args.iters
+        if val_loader is not None and args.eval_every and done % args.eval_every == 0 and not last:
+            metrics = validate(student, model, val_loader, done, args, rank)
+        if done % args.checkpoint_every == 0 or last or done == args.stop_at:
+            checkpoint(state, done, skipped, args, rank)
+        if done == args.stop_at:  # tests: an interruption right after a checkpoint
+            break
+    if done == args.iters and val_loader is not None:  # after the final checkpoint: a failed
+        metrics = validate(student, model, val_loader, done, args, rank)  # evaluation never costs the training
+    if rank == 0:
+        print(f"done in {evaluation.format_eta(time.perf_counter() - start_time)}"
+              + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- one training step
+def train_step(step, model, distiller, state, batches, unlabeled_batches, autocast, args, sums,
+               check_teachers=False):
+    """One iteration: the student's optimiser step over --accumulate batches (gradient
+    accumulation; DDP averages over processes), skipped when a loss is not finite; the learning
+    rate's step; then SKD's discriminator step. Adds each term, as its mean over the accumulated
+    batches, to `sums` (the logging window's, left on the device: .item() is a GPU sync).
+    `check_teachers`: run the first-batch teacher check. Returns whether the step was finite."""
+    device = torch.device(args.device)
+    state["optimizer"].zero_grad(set_to_none=True)
+    finite = True
+    for accumulated in range(args.accumulate):
+        images, labels = next_batch(batches, device, args.channels_last)
+        if check_teachers and accumulated == 0:
+            check_teacher_outputs(distiller, args, images, autocast)
+        with autocast:
+            output = model(images)
+        terms = {"ce": task_loss(output, labels, args)}
+        if distiller is not None:
+            unlabeled, mix_mask = next_unlabeled(unlabeled_batches, distiller, device, args.channels_last)
+            with autocast:  # the teachers see every batch of the step in one forward each
+                teacher_outputs = distiller.teacher_outputs(
+                    *distiller.teacher_batches(images, unlabeled, mix_mask))
+            terms.update(distiller.terms(model, output, images, labels, step, unlabeled, mix_mask,
+                                         autocast, teacher_outputs))
+        loss = distiller.weighted_sum(terms) if distiller else terms["ce"]
+        finite = finite and bool(torch.isfinite(loss))
+        if finite:
+            state["scaler"].scale(loss / args.accumulate).backward()
+        for name, value in {"loss": loss, **terms}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach() / args.accumulate
+    step_if_finite(finite, loss, step, state["optimizer"], state["scaler"])
+    state["scheduler"].step()
+    if state["d_optimizer"] is not None:  # SKD order: the student's step first, then D's
+        teacher_logits = teacher_outputs[0][0]["out"]   # the teacher's, on the last labeled batch
+        finite = discriminator_step(distiller, state["d_optimizer"], state["d_scheduler"], images,
+                                    output["out"], teacher_logits, sums) and finite
+    return finite
+
+
+def next_batch(batches, device, channels_last):
+    images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def next_unlabeled(unlabeled_batches, distiller, device, channels_last):
+    """The step's unlabeled images (None when the run has none) and, for MGD, the CutMix boxes
+    (N/2, 1, H, W) that mix their two halves (else None)."""
+    if unlabeled_batches is None:
+        return None, None
+    unlabeled = next(unlabeled_batches)[0].to(device, non_blocking=True)
+    if channels_last:
+        unlabeled = unlabeled.contiguous(memory_format=torch.channels_last)
+    mix_mask = None
+    if distiller.mixes_unlabeled:
+        mix_mask = datasets.cutmix_box_masks(len(unlabeled) // 2, *unlabeled.shape[-2:])
+        mix_mask = mix_mask[:, None].to(device)
+    return unlabeled, mix_mask
+
+
+def task_loss(output, labels, args):
+    """CE (or OHEM CE) with ignore 255 on logits upsampled to the label, plus the aux head's."""
+    def ce(logits):
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        if args.ohem > 0:
+            return losses.ohem_ce(logits, labels, thresh=args.ohem)
+        return F.cross_entropy(logits, labels, ignore_index=255)
+    loss = ce(output["out"])
+    if "aux" in output:
+        loss = loss + args.aux_weight * ce(output["aux"])
+    return loss
+
+
+def discriminator_step(distiller, d_optimizer, d_scheduler, images, student_logits, teacher_logits, sums):
+    """SKD's D step on the last batch's detached maps (losses.Distiller.discriminator_loss),
+    skipped when its loss is not finite; returns whether it was."""
+    d_loss = distiller.discriminator_loss(images, student_logits.detach(), teacher_logits)
+    d_optimizer.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(d_loss))
+    if finite:
+        d_loss.backward()
+        d_optimizer.step()
+    d_scheduler.step()
+    sums["d"] = sums.get("d", 0.0) + d_loss.detach()
+    return finite
+
+
+# ----------------------------------------------------------------------------- guards
+def check_teacher_outputs(distiller, args, images, autocast):
+    """The first-batch check: stop, naming the file, when a teacher's outputs are not finite.
+    NaN/inf weights would make every distillation step non-finite, and every step skipped."""
+    if distiller is None:
+        return
+    for teacher, source in zip(distiller.teachers, [args.teacher_checkpoint, args.wide_teacher_checkpoint]):
+        evaluation.check_finite_outputs(teacher, images, source, autocast)
+
+
+def step_if_finite(finite, loss, step, optimizer, scaler):
+    """The optimiser's step, or, when a loss of the step was not finite, no step and a line
+    saying so: one bad batch never poisons the weights (check_divergence stops a run where this
+    is more than an occasional event)."""
+    if finite:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        print(f"iter {step + 1}: non-finite loss {loss.item()}, step skipped", flush=True)
+
+
+# a run stops, unfinished, when its non-finite steps are more than an occasional event
+MAX_NONFINITE_IN_A_ROW, MAX_NONFINITE_FRACTION, MIN_STEPS_FOR_FRACTION = 20, 0.05, 50
+
+
+def check_divergence(skipped, in_a_row, done, iters):
+    """Raise when 20 steps in a row, or more than 5% of the steps (judged from step 50 on, and at
+    the last step of a shorter run), had a non-finite loss: the run never reports or saves
+    garbage as finished (its last checkpoint stays at an earlier step)."""
+    too_many = skipped > MAX_NONFINITE_FRACTION * done and (done >= MIN_STEPS_FOR_FRACTION or done == iters)
+    if in_a_row >= MAX_NONFINITE_IN_A_ROW or too_many:
+        raise ValueError(f"stopped at iteration {done}: {skipped} of {done} steps had a non-finite loss "
+                         f"({in_a_row} in a row); lower --lr, or check the --kd weights and the teacher")
+
+
+# ----------------------------------------------------------------------------- logs, validation, checkpoints
+def log_progress(done, sums, logged, window_start, lr, args, world):
+    """The progress line of the last `logged` iterations (`sums`: their terms, summed), printed
+    and appended to <out>/log.jsonl."""
+    device = torch.device(args.device)
+    per_it = (time.perf_counter() - window_start) / logged
+    mean = {k: float(v) / logged for k, v in sums.items()}
+    # throughput with the peak GPU memory so far: what a recipe needs to fit a GPU
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    images_per_s = args.batch_size * args.accumulate * world / per_it
+    with open(Path(args.out) / "log.jsonl", "a") as f:
+        f.write(json.dumps({"iter": done, **mean, "lr": lr, "s_per_it": per_it, "images_per_s": images_per_s,
+                            **({} if peak_gb is None else {"peak_gpu_gb": peak_gb})}) + "\n")
+    detail = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
+    print(f"iter {done}/{args.iters} | loss {mean['loss']:.3f} ({detail}) | "
+          f"lr {lr:.2e} | {per_it:.3f} s/it, {images_per_s:.1f} img/s"
+          + (f", peak {peak_gb:.1f} GiB" if peak_gb is not None else "") + " | "
+          f"eta {evaluation.format_eta(per_it * (args.iters - done))}", flush=True)
+
+
+def validate(student, model, val_loader, done, args, rank):
+    """mIoU on the validation split, printed and appended to <out>/metrics.jsonl (rank 0)."""
+    metrics = evaluation.evaluate(student, val_loader, torch.device(args.device), args.num_classes, args.amp)
+    model.train()
+    if rank == 0:
+        print(f"iter {done}: {args.val_split} mIoU {100 * metrics['miou']:.2f}", flush=True)
+        with open(Path(args.out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"iter": done, "split": args.val_split, **metrics}) + "\n")
+    return metrics
+
+
+def checkpoint(state, step, skipped, args, rank):
+    """<out>/checkpoint.pt (rank 0): every object of `state`, the random generators, the step and
+    the args, as one plain dict."""
+    if rank != 0:
+        return
+    save_checkpoint(Path(args.out) / "checkpoint.pt", {
+        **{name: None if part is None else part.state_dict() for name, part in state.items()},
+        "rng": rng_state(), "step": step, "skipped_steps": skipped, "args": dict(vars(args))})
+
+
+def save_checkpoint(path, state):
+    """Write `state` atomically (datasets.write_atomic): an interruption leaves the previous
+    checkpoint intact, and a failed write (a full or read-only disk) leaves no temporary file."""
+    try:
+        datasets.write_atomic(path, lambda temporary: torch.save(state, temporary))
+    except (OSError, RuntimeError) as e:  # a full disk: "unexpected pos 704 vs 598"
+        raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); "
+                      "is the disk full or read-only?") from None
+
+
+def rng_state():
+    """Every random generator's state as tensors, lists and numbers only, so that the checkpoint
+    loads with weights_only=True (numpy's state holds an ndarray, python's a tuple)."""
+    numpy_state = np.random.get_state(legacy=False)  # a new dict: {"state": {"key", "pos"}, ...}
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "numpy": numpy_state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    key = state["numpy"]["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**state["numpy"], "state": {**state["numpy"]["state"], "key": key}})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- building
+def build_data(args):
+    """(training set, validation set or None with --val-split ''), checked: what can fail later
+    fails now: an empty split (the sampler would wait for a first sample forever, the final mIoU
+    would be 0), a broken file (file headers only: no decoding)."""
+    val_set = datasets.build_dataset(args.dataset, args.data_root, args.val_split) if args.val_split else None
+    train_set = build_train_set(args, args.crop_size)
+    for option, split, dataset in (("--train-split", args.train_split, train_set),
+                                   ("--val-split", args.val_split, val_set)):
+        if dataset is None:   # --val-split '': no validation
+            continue
+        if len(dataset) == 0:
+            raise ValueError(f"{option} '{split}' of {args.data_root} holds no images")
+        datasets.check_files(dataset)
+    return train_set, val_set
+
+
+def build_train_set(args, crop_size):
+    """The labeled set, plus pseudo-labelled images (Zhu et al.) when given."""
+    common = dict(train=True, crop_size=tuple(crop_size), scale_range=tuple(args.scale_range))
+    train_set = datasets.build_dataset(args.dataset, args.data_root, args.train_split, **common)
+    if args.train_subset:
+        train_set = datasets.keep_listed(train_set, args.train_subset)
+    if args.pseudo_labels:
+        pseudo = datasets.build_dataset("folder", args.unlabeled_root, None, label_root=args.pseudo_labels,
+                                        classes_from=args.dataset, **common)
+        train_set = datasets.ConcatSegmentation([train_set, unlabeled_subset(pseudo, args)])
+    return train_set
+
+
+def unlabeled_subset(dataset, args):
+    return datasets.keep_listed(dataset, args.unlabeled_subset) if args.unlabeled_subset else dataset
+
+
+def build_student(args, device):
+    student = models.build_model(args.model, args.num_classes, args.output_stride,
+                                 args.pretrained, aux=args.aux_weight > 0).to(device)
+    if args.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    return student
+
+
+def build_distiller(args, weights, student, thing_classes, device):
+    """The losses.Distiller holding the frozen teacher(s) of --teacher-checkpoint (and MGD's
+    --wide-teacher-checkpoint) and the terms of --kd; None without a teacher."""
+    if not args.teacher_checkpoint:
+        return None
+    teacher, _ = evaluation.load_checkpoint(args.teacher_checkpoint, device, expect_classes=args.num_classes)
+    wide_teacher = None
+    if args.wide_teacher_checkpoint:
+        wide_teacher, _ = evaluation.load_checkpoint(args.wide_teacher_checkpoint, device,
+                                                     expect_classes=args.num_classes)
+    if args.channels_last:  # the teachers see the same channels_last images as the student
+        teacher = teacher.to(memory_format=torch.channels_last)
+        if wide_teacher is not None:
+            wide_teacher = wide_teacher.to(memory_format=torch.channels_last)
+    return losses.Distiller(
+        teacher, weights, student.feat_channels, args.num_classes, wide_teacher=wide_teacher,
+        tau=args.tau, cwd_tau=args.cwd_tau, pairwise_scale=args.pairwise_scale,
+        pairwise_kernel=args.pairwise_kernel, thing_classes=thing_classes,
+        imitation_mask=args.imitation_mask, imitation_warmup=args.imitation_warmup,
+        conditional_discriminator=args.discriminator == "conditional",
+        discriminator_width=args.d_width, lambda_gp=args.lambda_gp).to(device)
+
+
+def build_optimizers(args, student, distiller):
+    """(optimizer, scheduler, d_optimizer, d_scheduler): the student's (with the distiller's
+    student-side layers), and SKD's discriminator's (None without the holistic term); both
+    with the poly learning rate stepped every iteration."""
+    params = list(student.parameters()) + (list(distiller.student_side_parameters()) if distiller else [])
+    if args.optimizer == "adam":  # ESPNet's train/main.py: Adam, betas (0.9, 0.999), L2 weight decay
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    poly = lambda step: (1 - step / args.iters) ** args.poly_power
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+    d_optimizer = d_scheduler = None
+    if distiller is not None and distiller.discriminator is not None:
+        # official SKD: SGD lr 4e-4, momentum 0.9, wd 5e-4, the same poly decay as the student
+        d_optimizer = torch.optim.SGD(distiller.discriminator.parameters(), lr=args.d_lr,
+                                      momentum=0.9, weight_decay=5e-4)
+        d_scheduler = torch.optim.lr_scheduler.LambdaLR(d_optimizer, poly)
+    return optimizer, scheduler, d_optimizer, d_scheduler
+
+
+def labeled_batches(args, train_set, step, small_crop_until, rank, world):
+    """The labeled batches from `step` on: at --small-crop before `small_crop_until` (Zhu et
+    al.'s coarse-to-fine schedule), else at --crop-size."""
+    crop = args.small_crop if step < small_crop_until else args.crop_size
+    data = train_set if crop == args.crop_size else build_train_set(args, crop)
+    return make_batches(args, data, args.batch_size, step, rank, world)
+
+
+def build_unlabeled_batches(args, distiller, start_step, rank, world):
+    """The unlabeled batches of --unlabeled-root from `start_step` on, for the terms that use
+    them (Xie's unlabeled term: a batch; MGD: two batches' worth, CutMixed in pairs); else None."""
+    if not (args.unlabeled_root and distiller is not None and distiller.uses_unlabeled):
+        return None
+    unlabeled_set = datasets.build_dataset("folder", args.unlabeled_root, None, train=True,
+                                           crop_size=tuple(args.crop_size),
+                                           scale_range=tuple(args.scale_range))
+    unlabeled_set = unlabeled_subset(unlabeled_set, args)
+    datasets.check_files(unlabeled_set)
+    batch_size = (args.unlabeled_batch_size or args.batch_size) * (2 if distiller.mixes_unlabeled else 1)
+    return make_batches(args, unlabeled_set, batch_size, start_step, rank, world, seed_offset=1)
+
+
+def make_batches(args, dataset, batch_size, start_step, rank, world, seed_offset=0):
+    """Infinite iterator of training batches from `start_step` on."""
+    seed = args.seed + seed_offset
+    if args.centroid_sampling > 0 and seed_offset == 0:
+        # Zhu et al.: centroids once per dataset (cached), a class-balanced list every epoch
+        indices_for_epoch = datasets.CentroidSampler(dataset, args.centroid_sampling, seed=seed,
+                                                     cache_path=Path(args.out) / "centroids.json").epoch_indices
+    else:
+        def indices_for_epoch(epoch):
+            return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
+                seed * 10_007 + epoch)).tolist()
+    # one optimiser step takes batch_size * accumulate samples on each process
+    sampler = SeededSampler(indices_for_epoch, batch_size * args.accumulate * world, seed, start_step,
+                            rank, world)
+    loader = torch.utils.data.DataLoader(Seeded(dataset), batch_size=batch_size, sampler=sampler,
+                                         num_workers=args.workers, drop_last=True,
+                                         pin_memory=args.device.startswith("cuda"),
+                                         persistent_workers=args.workers > 0,
+                                         # its own generator: creating the iterator must not draw
+                                         # from the global one, or a resumed run would diverge
+                                         generator=torch.Generator().manual_seed(seed))
+    return iter(loader)
+
+
 class SeededSampler(torch.utils.data.Sampler):
     """Infinite stream of (index, seed) from `start_step` on. The epoch's permutation and each
     sample's augmentation seed are functions of (seed, position), so a resumed run sees exactly
@@ -245,62 +674,6 @@ class Seeded(torch.utils.data.Dataset):
             return self.dataset[item]
 
 
-def build_train_set(args, crop_size):
-    """The labeled set, plus pseudo-labelled images (Zhu et al.) when given."""
-    common = dict(train=True, crop_size=tuple(crop_size), scale_range=tuple(args.scale_range))
-    train_set = datasets.build_dataset(args.dataset, args.data_root, args.train_split, **common)
-    if args.train_subset:
-        train_set = datasets.keep_listed(train_set, args.train_subset)
-    if args.pseudo_labels:
-        pseudo = datasets.build_dataset("folder", args.unlabeled_root, None, label_root=args.pseudo_labels,
-                                        classes_from=args.dataset, **common)
-        train_set = datasets.ConcatSegmentation([train_set, unlabeled_subset(pseudo, args)])
-    return train_set
-
-
-def unlabeled_subset(dataset, args):
-    return datasets.keep_listed(dataset, args.unlabeled_subset) if args.unlabeled_subset else dataset
-
-
-def make_batches(args, dataset, batch_size, start_step, rank, world, seed_offset=0):
-    """Infinite iterator of training batches from `start_step` on."""
-    seed = args.seed + seed_offset
-    if args.centroid_sampling > 0 and seed_offset == 0:
-        # Zhu et al.: centroids once per dataset (cached), a class-balanced list every epoch
-        indices_for_epoch = datasets.CentroidSampler(dataset, args.centroid_sampling, seed=seed,
-                                                     cache_path=Path(args.out) / "centroids.json").epoch_indices
-    else:
-        def indices_for_epoch(epoch):
-            return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
-                seed * 10_007 + epoch)).tolist()
-    # one optimiser step takes batch_size * accumulate samples on each process
-    sampler = SeededSampler(indices_for_epoch, batch_size * args.accumulate * world, seed, start_step,
-                            rank, world)
-    loader = torch.utils.data.DataLoader(Seeded(dataset), batch_size=batch_size, sampler=sampler,
-                                         num_workers=args.workers, drop_last=True,
-                                         pin_memory=args.device.startswith("cuda"),
-                                         persistent_workers=args.workers > 0,
-                                         # its own generator: creating the iterator must not draw
-                                         # from the global one, or a resumed run would diverge
-                                         generator=torch.Generator().manual_seed(seed))
-    return iter(loader)
-
-
-# ----------------------------------------------------------------------------- losses
-def task_loss(output, labels, args):
-    """CE (or OHEM CE) with ignore 255 on logits upsampled to the label, plus the aux head's."""
-    def ce(logits):
-        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        if args.ohem > 0:
-            return losses.ohem_ce(logits, labels, thresh=args.ohem)
-        return F.cross_entropy(logits, labels, ignore_index=255)
-    loss = ce(output["out"])
-    if "aux" in output:
-        loss = loss + args.aux_weight * ce(output["aux"])
-    return loss
-
-
 # ----------------------------------------------------------------------------- distributed
 def setup_distributed(args):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
@@ -314,41 +687,9 @@ def setup_distributed(args):
     return rank, world
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, state):
-    """Write `state` atomically: an interruption leaves the previous checkpoint intact, and a
-    failed write (a full or read-only disk) leaves no temporary file behind."""
-    tmp = Path(path).with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # a full disk: "unexpected pos 704 vs 598"
-            raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); "
-                          "is the disk full or read-only?") from None
-        raise
-
-
-def rng_state():
-    """Every random generator's state as tensors, lists and numbers only, so that the checkpoint
-    loads with weights_only=True (numpy's state holds an ndarray, python's a tuple)."""
-    numpy_state = np.random.get_state(legacy=False)  # a new dict: {"state": {"key", "pos"}, ...}
-    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
-    version, internal, gauss = random.getstate()
-    return {"python": [version, list(internal), gauss], "numpy": numpy_state,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    key = state["numpy"]["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state({**state["numpy"], "state": {**state["numpy"]["state"], "key": key}})
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# =============================================================================================
+# Operational helpers: the output folder, --resume's arguments and state, the clean-up after a
+# failed run. Skip them on a first reading.
 
 
 def prepare_out_dir(args):
@@ -401,6 +742,29 @@ def resumed_args(args, given=None):
     return argparse.Namespace(**merged)
 
 
+def resume(path, state, args, rank):
+    """Restore every object of `state` and the random generators from the checkpoint `path`;
+    returns (its step, its count of skipped steps)."""
+    ckpt = evaluation.load_checkpoint_dict(path)
+    missing = {"optimizer", "scheduler", "scaler", "rng", "step"} - set(ckpt)
+    if missing:
+        raise ValueError(f"{path}: cannot resume: the checkpoint has no {sorted(missing)}")
+    for name, part in state.items():
+        if part is not None:
+            part.load_state_dict(ckpt[name])
+    set_rng_state(ckpt["rng"])
+    start_step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+    if start_step > args.iters:
+        raise ValueError(f"--iters {args.iters}: {path} is already at iteration {start_step}")
+    if rank == 0:  # no iteration twice in the logs; a finished run evaluates again (its final
+        # evaluation may have failed), so its final line goes too
+        keep_entries_until(Path(args.out) / "log.jsonl", start_step)
+        keep_entries_until(Path(args.out) / "metrics.jsonl",
+                           start_step - 1 if start_step == args.iters else start_step)
+        print(f"resumed {path} at iteration {start_step}")
+    return start_step, skipped
+
+
 def keep_entries_until(path, step):
     """After a resume from `step`: drop the lines of a .jsonl log past it (written after the
     checkpoint, by the interrupted process) and a line torn by the interruption."""
@@ -413,289 +777,25 @@ def keep_entries_until(path, step):
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass
-    evaluation.write_text_atomic(path, "".join(line + "\n" for line in kept))
+    datasets.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-# ----------------------------------------------------------------------------- the loop
-def train(args, given=None):
-    """Train per `args`; returns the final validation metrics (see eval.ConfusionMatrix).
-    `given`: the options named on the command line (given_options), for --resume."""
-    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
-    with evaluation.lock_output_dir(args.out) if rank0 else nullcontext():
-        resume_from = prepare_out_dir(args)
-        if resume_from is not None:
-            args = resumed_args(args, given)
-        weights = check_args(args)
-        rank, world = setup_distributed(args)
-        out = Path(args.out)
-        created = not out.exists()
-        try:
-            metrics = run(args, weights, rank, world, resume_from)
-        except BaseException:
-            # a failed run removes what it wrote: a new run that failed before its first
-            # checkpoint leaves no folder (or the empty folder the user made); a checkpoint is kept
-            # to resume from, and a finished one whatever came after it
-            if rank == 0 and resume_from is None and out.is_dir() and not (out / "checkpoint.pt").exists():
-                for path in out.iterdir():
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-                if created:
-                    out.rmdir()
-            raise
-    if world > 1:  # shut down together: exiting with the group alive lets gloo abort (SIGABRT)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return metrics
+def remove_unfinished_run(out, created):
+    """After a new run failed: remove what it wrote. A run that failed before its first
+    checkpoint leaves no folder (or the empty folder the user made); a checkpoint is kept to
+    resume from, and a finished one whatever came after it."""
+    if not out.is_dir() or (out / "checkpoint.pt").exists():
+        return
+    for path in out.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if created:
+        out.rmdir()
 
 
-# a run stops, unfinished, when its non-finite steps are more than an occasional event
-MAX_NONFINITE_IN_A_ROW, MAX_NONFINITE_FRACTION, MIN_STEPS_FOR_FRACTION = 20, 0.05, 50
-
-
-def check_divergence(skipped, in_a_row, done, iters):
-    """Raise when 20 steps in a row, or more than 5% of the steps (judged from step 50 on, and at
-    the last step of a shorter run), had a non-finite loss: the run never reports or saves
-    garbage as finished (its last checkpoint stays at an earlier step)."""
-    too_many = skipped > MAX_NONFINITE_FRACTION * done and (done >= MIN_STEPS_FOR_FRACTION or done == iters)
-    if in_a_row >= MAX_NONFINITE_IN_A_ROW or too_many:
-        raise ValueError(f"stopped at iteration {done}: {skipped} of {done} steps had a non-finite loss "
-                         f"({in_a_row} in a row); lower --lr, or check the --kd weights and the teacher")
-
-
-def run(args, weights, rank, world, resume_from):
-    """The training loop proper (see `train`)."""
-    device = torch.device(args.device)
-    if rank == 0:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    val_set = datasets.build_dataset(args.dataset, args.data_root, args.val_split) if args.val_split else None
-    train_set = build_train_set(args, args.crop_size)
-    args.num_classes = (train_set if val_set is None else val_set).num_classes
-    # what can fail later fails now: an empty split (the sampler would wait for a first sample
-    # forever, the final mIoU would be 0), a broken file (file headers only: no decoding)
-    for option, split, dataset in (("--train-split", args.train_split, train_set),
-                                   ("--val-split", args.val_split, val_set)):
-        if dataset is None:   # --val-split '': no validation
-            continue
-        if len(dataset) == 0:
-            raise ValueError(f"{option} '{split}' of {args.data_root} holds no images")
-        datasets.check_files(dataset)
-
-    student = models.build_model(args.model, args.num_classes, args.output_stride,
-                                 args.pretrained, aux=args.aux_weight > 0).to(device)
-    if args.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-    distiller = None
-    if args.teacher_checkpoint:
-        teacher, _ = evaluation.load_checkpoint(args.teacher_checkpoint, device,
-                                                expect_classes=args.num_classes)
-        wide_teacher = None
-        if args.wide_teacher_checkpoint:
-            wide_teacher, _ = evaluation.load_checkpoint(args.wide_teacher_checkpoint, device,
-                                                         expect_classes=args.num_classes)
-        if args.channels_last:  # the teachers see the same channels_last images as the student
-            teacher = teacher.to(memory_format=torch.channels_last)
-            if wide_teacher is not None:
-                wide_teacher = wide_teacher.to(memory_format=torch.channels_last)
-        distiller = losses.Distiller(
-            teacher, weights, student.feat_channels, args.num_classes, wide_teacher=wide_teacher,
-            tau=args.tau, cwd_tau=args.cwd_tau, pairwise_scale=args.pairwise_scale,
-            pairwise_kernel=args.pairwise_kernel, thing_classes=train_set.thing_classes,
-            imitation_mask=args.imitation_mask, imitation_warmup=args.imitation_warmup,
-            conditional_discriminator=args.discriminator == "conditional",
-            discriminator_width=args.d_width, lambda_gp=args.lambda_gp).to(device)
-    model = student
-    if world > 1:
-        if args.sync_bn:
-            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        model = torch.nn.parallel.DistributedDataParallel(student)  # the teacher is never wrapped
-
-    params = list(student.parameters()) + (list(distiller.student_side_parameters()) if distiller else [])
-    if args.optimizer == "adam":  # ESPNet's train/main.py: Adam, betas (0.9, 0.999), L2 weight decay
-        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    poly = lambda step: (1 - step / args.iters) ** args.poly_power
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-    d_optimizer = d_scheduler = None
-    if distiller is not None and distiller.discriminator is not None:
-        # official SKD: SGD lr 4e-4, momentum 0.9, wd 5e-4, the same poly decay as the student
-        d_optimizer = torch.optim.SGD(distiller.discriminator.parameters(), lr=args.d_lr,
-                                      momentum=0.9, weight_decay=5e-4)
-        d_scheduler = torch.optim.lr_scheduler.LambdaLR(d_optimizer, poly)
-    autocast, amp_dtype = evaluation.autocast_context(device, args.amp)
-    if device.type == "cuda":  # fixed crop sizes: let cuDNN time its algorithms once and keep the fastest
-        torch.backends.cudnn.benchmark = True
-    # a GradScaler only for fp16: bf16 has float32's range and needs no loss scaling
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_step = skipped = 0
-    if resume_from is not None:
-        ckpt = evaluation.load_checkpoint_dict(resume_from)
-        missing = {"optimizer", "scheduler", "scaler", "rng", "step"} - set(ckpt)
-        if missing:
-            raise ValueError(f"{resume_from}: cannot resume: the checkpoint has no {sorted(missing)}")
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if distiller is not None:
-            distiller.load_state_dict(ckpt["distiller"])
-        if d_optimizer is not None:
-            d_optimizer.load_state_dict(ckpt["d_optimizer"])
-            d_scheduler.load_state_dict(ckpt["d_scheduler"])
-        set_rng_state(ckpt["rng"])
-        start_step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
-        if start_step > args.iters:
-            raise ValueError(f"--iters {args.iters}: {resume_from} is already at iteration {start_step}")
-        if rank == 0:  # no iteration twice in the logs; a finished run evaluates again (its final
-            # evaluation may have failed), so its final line goes too
-            keep_entries_until(Path(args.out) / "log.jsonl", start_step)
-            keep_entries_until(Path(args.out) / "metrics.jsonl",
-                               start_step - 1 if start_step == args.iters else start_step)
-            print(f"resumed {resume_from} at iteration {start_step}")
-
-    small_crop_until = int(args.coarse2fine * args.iters)
-
-    def batches_from(step):
-        crop = args.small_crop if step < small_crop_until else args.crop_size
-        data = train_set if crop == args.crop_size else build_train_set(args, crop)
-        return make_batches(args, data, args.batch_size, step, rank, world)
-
-    batches = batches_from(start_step)
-    unlabeled_batches = None
-    if args.unlabeled_root and distiller is not None and distiller.uses_unlabeled:
-        unlabeled_set = datasets.build_dataset("folder", args.unlabeled_root, None, train=True,
-                                               crop_size=tuple(args.crop_size),
-                                               scale_range=tuple(args.scale_range))
-        unlabeled_set = unlabeled_subset(unlabeled_set, args)
-        datasets.check_files(unlabeled_set)
-        u_batch = (args.unlabeled_batch_size or args.batch_size) * (2 if distiller.mixes_unlabeled else 1)
-        unlabeled_batches = make_batches(args, unlabeled_set, u_batch, start_step, rank, world,
-                                         seed_offset=1)
-
-    def checkpoint(step):
-        if rank != 0:
-            return
-        save_checkpoint(Path(args.out) / "checkpoint.pt", {
-            "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "distiller": distiller.state_dict() if distiller else None,
-            "d_optimizer": d_optimizer.state_dict() if d_optimizer else None,
-            "d_scheduler": d_scheduler.state_dict() if d_scheduler else None,
-            "rng": rng_state(), "step": step, "skipped_steps": skipped, "args": dict(vars(args))})
-
-    def validate(done):
-        metrics = evaluation.evaluate(student, val_loader, device, args.num_classes, args.amp)
-        model.train()
-        if rank == 0:
-            print(f"iter {done}: {args.val_split} mIoU {100 * metrics['miou']:.2f}", flush=True)
-            with open(Path(args.out) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"iter": done, "split": args.val_split, **metrics}) + "\n")
-        return metrics
-
-    # (teacher, its checkpoint) pairs whose outputs the first batch checks
-    teachers = list(zip(distiller.teachers, [args.teacher_checkpoint, args.wide_teacher_checkpoint])
-                    ) if distiller is not None else []
-
-    val_loader = None if val_set is None else torch.utils.data.DataLoader(val_set, batch_size=8,
-                                                                        num_workers=args.workers)
-    if world > 1:  # decorrelate dropout across ranks (augmentation has per-sample seeds)
-        torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
-    metrics, sums, logged, in_a_row, done = {}, {}, 0, 0, start_step
-    start_time, step_time = time.perf_counter(), time.perf_counter()
-    model.train()
-    for step in range(start_step, args.iters):
-        if step == small_crop_until and 0 < step:
-            batches = batches_from(step)  # coarse-to-fine: switch to the full crop
-        optimizer.zero_grad(set_to_none=True)
-        finite = True
-        for _ in range(args.accumulate):  # gradient accumulation; DDP averages over processes
-            images, labels = (t.to(device, non_blocking=True) for t in next(batches))
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            while teachers:  # once, on the first batch: NaN/inf weights would skip every step
-                teacher, source = teachers.pop()
-                evaluation.check_finite_outputs(teacher, images, source, autocast)
-            with autocast:
-                output = model(images)
-            terms = {"ce": task_loss(output, labels, args)}
-            if distiller is not None:
-                unlabeled = mix_mask = None
-                if unlabeled_batches is not None:
-                    unlabeled = next(unlabeled_batches)[0].to(device, non_blocking=True)
-                    if args.channels_last:
-                        unlabeled = unlabeled.contiguous(memory_format=torch.channels_last)
-                if unlabeled is not None and distiller.mixes_unlabeled:  # MGD: CutMix the two halves
-                    mix_mask = datasets.cutmix_box_masks(len(unlabeled) // 2, *unlabeled.shape[-2:])
-                    mix_mask = mix_mask[:, None].to(device)
-                terms.update(distiller.terms(model, output, images, labels, step, unlabeled, mix_mask,
-                                             autocast))
-            loss = distiller.weighted_sum(terms) if distiller else terms["ce"]
-            finite = finite and bool(torch.isfinite(loss))
-            if finite:
-                scaler.scale(loss / args.accumulate).backward()
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach() / args.accumulate
-        if finite:
-            scaler.step(optimizer)
-            scaler.update()
-        else:  # never let one bad batch poison the weights: skip the step and say so
-            print(f"iter {step + 1}: non-finite loss {loss.item()}, step skipped", flush=True)
-        scheduler.step()
-        if d_optimizer is not None:  # SKD order: student step first, then D on detached maps
-            d_loss = distiller.discriminator_loss(images, output["out"].detach())
-            d_optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(d_loss):
-                d_loss.backward()
-                d_optimizer.step()
-            else:
-                finite = False
-            d_scheduler.step()
-            sums["d"] = sums.get("d", 0.0) + d_loss.detach()
-        # the sums stay on the device; .item() (a GPU sync) only when a line is printed
-        logged += 1
-        done = step + 1
-        skipped, in_a_row = (skipped, 0) if finite else (skipped + 1, in_a_row + 1)
-        check_divergence(skipped, in_a_row, done, args.iters)
-        if rank == 0 and (done % args.log_every == 0 or done == args.iters):
-            per_it = (time.perf_counter() - step_time) / logged
-            mean = {k: float(v) / logged for k, v in sums.items()}
-            # throughput with the peak GPU memory so far: what a recipe needs to fit a GPU
-            peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-            images_per_s = args.batch_size * args.accumulate * world / per_it
-            with open(Path(args.out) / "log.jsonl", "a") as f:
-                f.write(json.dumps({"iter": done, **mean, "lr": scheduler.get_last_lr()[0],
-                                    "s_per_it": per_it, "images_per_s": images_per_s,
-                                    **({} if peak_gb is None else {"peak_gpu_gb": peak_gb})}) + "\n")
-            detail = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
-            print(f"iter {done}/{args.iters} | loss {mean['loss']:.3f} ({detail}) | "
-                  f"lr {scheduler.get_last_lr()[0]:.2e} | {per_it:.3f} s/it, {images_per_s:.1f} img/s"
-                  + (f", peak {peak_gb:.1f} GiB" if peak_gb is not None else "") + " | "
-                  f"eta {evaluation.format_eta(per_it * (args.iters - done))}", flush=True)
-            sums, logged, step_time = {}, 0, time.perf_counter()
-        last = done == args.iters
-        if val_loader is not None and args.eval_every and done % args.eval_every == 0 and not last:
-            metrics = validate(done)
-        if done % args.checkpoint_every == 0 or last:
-            checkpoint(done)
-        if args.stop_at and done == args.stop_at:
-            checkpoint(done)
-            break
-    if done == args.iters and val_loader is not None:  # after the final checkpoint: a failed
-        metrics = validate(done)                          # evaluation never costs the training
-    if rank == 0:
-        print(f"done in {evaluation.format_eta(time.perf_counter() - start_time)}"
-              + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
-    return metrics
-
-
+# ----------------------------------------------------------------------------- command line
 def main(argv=None):
     """The command line: exit code 0, or 2 after one line `error: ...` (eval.report_errors)."""
     args = get_args_parser().parse_args(argv)

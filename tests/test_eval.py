@@ -204,7 +204,7 @@ def test_gmacs_match_torchvisions_published_deeplabv3_resnet101():
 
 
 # ----------------------------------------------------------------------------- submission files
-# DATASETS.md's labelId -> trainId table, written out here so the test does not read datasets.py's.
+# docs/DATASETS.md's labelId -> trainId table, written out here so the test does not read datasets.py's.
 LABEL_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                         24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 CITYSCAPES_STEMS = ["frankfurt_000000_000294", "frankfurt_000001_007973", "lindau_000000_000019"]
@@ -262,7 +262,7 @@ def test_submission_files_hold_the_predictions_in_the_datasets_own_ids(tmp_path,
         written = Image.open(out / f"{stem}.png")
         ids = np.array(written)
         prediction = pointwise_argmax(model, dataset[index][0])
-        if name == "cityscapes":  # labelIds, single channel; back to trainIds with DATASETS.md's table
+        if name == "cityscapes":  # labelIds, single channel; back to trainIds with docs/DATASETS.md's table
             assert written.mode == "L" and set(np.unique(ids)) <= set(LABEL_ID_TO_TRAIN_ID)
             assert np.array_equal(np.vectorize(LABEL_ID_TO_TRAIN_ID.get)(ids), prediction)
         elif name == "ade20k":  # ids 1..150, 0 ("other") never predicted

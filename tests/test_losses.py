@@ -1,4 +1,4 @@
-"""Tests for losses.py: the closed-form values of METHODS.md, properties every distillation
+"""Tests for losses.py: the closed-form values of docs/METHODS.md, properties every distillation
 term must have (zero loss and zero gradient when the student equals the teacher,
 invariances, gradient checks), and the FGFI mask construction.
 
@@ -30,7 +30,7 @@ def logits_pair(shape=(2, 5, 6, 7), dtype=torch.float32):
 
 
 # ---------------------------------------------------------------------------------------
-# Closed-form values (METHODS.md, last section)
+# Closed-form values (docs/METHODS.md, last section)
 
 def test_pixel_kd_closed_form():
     # teacher [ln 3, 0, 0, 0] -> p_t = [1/2, 1/6, 1/6, 1/6]; student uniform -> 0.5 ln(4/3)
@@ -390,7 +390,7 @@ def test_discriminator_step_carries_the_holistic_weight(conditional):
     output = student(images)
     distiller.terms(student, output, images, torch.zeros(2, 32, 32, dtype=torch.long), step=0)
     torch.manual_seed(1)                 # the same alpha for both penalties
-    weighted = d_gradients(d, distiller.discriminator_loss(images, output["out"]))
+    weighted = d_gradients(d, distiller.discriminator_loss(images, output["out"], teacher(images)["out"]))
     torch.manual_seed(1)
     fake = d.make_input(images, output["out"].detach())
     real = d.make_input(images, teacher(images)["out"])
