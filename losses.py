@@ -664,7 +664,10 @@ class Distiller(nn.Module):
         if "imitation" in self.weights:
             if not self.thing_classes:
                 raise ValueError("imitation needs the dataset's thing classes (none given)")
-            self.adaptation = adaptation_layer(student_channels, teacher.feat_channels)
+            # FGFI ends f_adap in a ReLU because its teacher features are post-ReLU; a teacher
+            # whose feature can be negative (ESPNet's PReLU, MobileNetV2's linear bottleneck) gets none
+            self.adaptation = adaptation_layer(student_channels, teacher.feat_channels,
+                                               relu=getattr(teacher, "feat_nonnegative", True))
         self.cwd_align = None
         if "cwd_feat" in self.weights:
             # CIRKD's CriterionCWD: a bias-free 1x1 conv (default init, trained with the

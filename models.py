@@ -315,11 +315,12 @@ class DeepLabV2Head(nn.Module):
     on the backbone feature, summed. There is no pre-classifier layer, so "feat" is the backbone
     feature itself. The rates are the paper's (set for output stride 8) at every output stride."""
 
-    def __init__(self, in_channels, num_classes, rates=(6, 12, 18, 24)):
+    def __init__(self, in_channels, num_classes, rates=(6, 12, 18, 24), feat_nonnegative=True):
         super().__init__()
         self.classifiers = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate)
                                          for rate in rates)
         self.feat_channels = in_channels
+        self.feat_nonnegative = feat_nonnegative   # a ResNet's last feature is post-ReLU
 
     def forward(self, features):
         x = features["out"]
@@ -469,7 +470,8 @@ def make_head(head, backbone, num_classes, channels, output_stride):
     rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
     mmseg = getattr(backbone, "variant", None) == "v1c"  # mmsegmentation's heads on its ResNetV1c
     if head == "deeplabv2":
-        return DeepLabV2Head(backbone.out_channels, num_classes)
+        # MobileNetV2's last feature is its linear bottleneck: it can be negative
+        return DeepLabV2Head(backbone.out_channels, num_classes, feat_nonnegative=isinstance(backbone, ResNet))
     if head == "deeplabv3" and mmseg:
         return MMSegASPPHead(backbone.out_channels, num_classes, channels, rates)
     if head == "deeplabv3":
@@ -525,6 +527,9 @@ class SegmentationModel(nn.Module):
         self.input_transform = input_transform
         self.num_classes, self.output_stride = num_classes, output_stride
         self.feat_channels = head.feat_channels
+        # whether "feat" is post-ReLU (FGFI's adaptation layer then ends in a ReLU); every head's is
+        # but DeepLab-v2's on MobileNetV2
+        self.feat_nonnegative = getattr(head, "feat_nonnegative", True)
         # CIRKD upsamples its logits with align_corners=True; eval.logits_full reads this.
         self.align_corners = False
 
@@ -674,6 +679,7 @@ class ESPNet(nn.Module):
             self.classifier = esp_conv(256, num_classes, 1)
         self.decoder = decoder
         self.num_classes, self.output_stride, self.feat_channels = num_classes, 8, 256
+        self.feat_nonnegative = False   # "feat" comes out of a PReLU
         self.align_corners = True
 
     def forward(self, x):

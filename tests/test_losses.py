@@ -754,3 +754,18 @@ def test_imitation_loss_without_positives_is_a_connected_zero():
     loss = losses.imitation_loss(adapted, torch.randn(2, 4, 3, 3), torch.zeros(2, 3, 3))
     loss.backward()
     assert loss.item() == 0.0 and adapted.grad.abs().sum() == 0
+
+
+def test_fgfi_adaptation_ends_in_relu_only_for_teachers_whose_feature_is_post_relu():
+    # official FGFI: ReLU after f_adap because its teacher features are post-ReLU; ESPNet's feature
+    # comes out of a PReLU and MobileNetV2's out of a linear bottleneck, so they can be negative
+    import models
+    for name, relu in (("deeplabv3plus_resnet18_tiny", True), ("deeplabv2_resnet18_micro", True),
+                       ("deeplabv2_mobilenetv2_tiny", False), ("espnet", False), ("espnet_c", False)):
+        teacher = models.build_model(name, 8)
+        distiller = losses.Distiller(teacher, {"imitation": 0.01}, 16, 8, thing_classes=[1])
+        has_relu = any(isinstance(m, torch.nn.ReLU) for m in distiller.adaptation.modules())
+        assert has_relu == relu, name
+        with torch.no_grad():
+            features = teacher.eval()(torch.randn(2, 3, 64, 64))["feat"]
+        assert (features.min() >= 0) == relu, name
