@@ -204,7 +204,7 @@ RECIPES["camvid"] = {
     "downscale": [180, 240], "partition": 8, "partition_rows": ["xie_unlabeled", "zhu", "mgd"],
     "rows": ["baseline", "xie_lp", "xie_lp_lc", "skd_pi", "skd_pi_pa", "skd_pi_pa_ho", "fgfi", "cwd",
              "partition_baseline", "xie_unlabeled", "zhu", "mgd"],
-    "flags": CAMVID_FLAGS, "iters": 1000, "teacher_iters": 0, "seeds": [0, 1, 2, 3, 4], "imagenet": False,
+    "flags": CAMVID_FLAGS, "iters": 600, "teacher_iters": 0, "seeds": [0, 1, 2, 3, 4], "imagenet": False,
     "eval": ["--split", "test", "--batch-size", "8", "--device", "cpu"], "fps_size": (180, 240),
     # as the demo (README "tuning the demo"): SKD's pixel weight 1 (so skd_pi is the run of xie_lp),
     # a discriminator of width 16, FGFI's warm-up at 10%, 4 unlabeled images per step beside the 8
