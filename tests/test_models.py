@@ -16,7 +16,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 
-KEYS_JSON = Path(__file__).resolve().parents[1].parent / "shared" / "torchvision_keys.json"
+# torchvision_keys.json / torchvision_seg_keys.json: the names and shapes of torchvision's ImageNet
+# backbones and COCO segmentation models, as torchvision's state_dicts list them.
+KEYS_JSON = Path(__file__).resolve().parent / "torchvision_keys.json"
 # Our backbone name -> torchvision's name in torchvision_keys.json.
 TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
                      "resnet101": "resnet101", "wide_resnet50": "wide_resnet50_2", "mobilenetv2": "mobilenet_v2"}
@@ -28,8 +30,6 @@ DEEP_STEM_BACKBONES = [f"resnet{depth}_{variant}" for variant in ("v1c", "v1s", 
 def torchvision_shapes(torchvision_name, keep_imagenet_only=False):
     """Names and shapes of torchvision's ImageNet state_dict, by default without the ImageNet-only
     layers (the classifier, and MobileNetV2's features.18) that the backbones leave out."""
-    if not KEYS_JSON.is_file():
-        pytest.skip(f"{KEYS_JSON} not found (the shared/ folder sits beside the repository)")
     shapes = json.loads(KEYS_JSON.read_text())[torchvision_name]
     if keep_imagenet_only:
         return shapes
@@ -177,7 +177,7 @@ def test_count_parameters_of_mobilenetv2_matches_torchvision():
 # key table; for torchvision also checked against torchvision_seg_keys.json), so what is tested is
 # the layout and the computation, not the published weights.
 
-SEG_KEYS_JSON = Path(__file__).resolve().parents[1].parent / "shared" / "torchvision_seg_keys.json"
+SEG_KEYS_JSON = Path(__file__).resolve().parent / "torchvision_seg_keys.json"
 # kd-seg name -> the source's key table; every published layout kd-seg accepts.
 PUBLISHED = {"deeplabv3_resnet50": models.TORCHVISION_DEEPLABV3, "deeplabv3_resnet101": models.TORCHVISION_DEEPLABV3,
              **{f"pspnet_resnet{d}_v1c": models.MMSEG_PSPNET for d in (18, 50, 101)},
@@ -212,8 +212,6 @@ def published_file(name, state, path, meta=None):
 def test_torchvision_deeplabv3_keys_and_shapes_are_torchvision_s(name):
     # torchvision's COCO files: 21 classes and the aux head; the inverse table must give exactly
     # torchvision's keys and shapes, and the forward table must undo it.
-    if not SEG_KEYS_JSON.is_file():
-        pytest.skip(f"{SEG_KEYS_JSON} not found (the shared/ folder sits beside the repository)")
     with torch.device("meta"):
         state = models.build_model(name, 21, aux=True).state_dict()
     source = models.rename_keys(state, models.TORCHVISION_DEEPLABV3, inverse=True)
