@@ -1,10 +1,12 @@
 """kd-seg: the five distillation papers for semantic segmentation, on one bench.
 
     python kd_seg.py                     # the demo: every paper's ablation on the synthetic
-                                         # benchmark, CPU, minutes (README)
+                                         # benchmark, CPU, minutes (README; docs/DEMO.md)
     python kd_seg.py --quick             # a 60-second smoke run of the same pipeline
     python kd_seg.py --rows baseline,xie_lp_lc --seeds 0 1 2 3 4
     python kd_seg.py --list              # the rows and the paper recipes
+    python kd_seg.py --recipe camvid --data-root ../shared/data/CamVid
+                                         # every paper on real images (CamVid), CPU, < 1 hour
     python kd_seg.py --recipe skd2019 --data-root /data/cityscapes
                                          # a paper's ablation table on real data, one GPU
     python kd_seg.py --recipe skd2019 --data-root /data/cityscapes --dry-run
@@ -49,8 +51,8 @@ import models
 import train
 
 # ----------------------------------------------------------------------------- the rows
-# name -> (paper, what the row adds, train.py flags at the papers' official weights; README
-# "paper value vs code default"). A setting may replace a row's flags (its "overrides", each with
+# name -> (paper, what the row adds, train.py flags at the papers' official weights;
+# docs/PAPER_VS_CODE.md). A setting may replace a row's flags (its "overrides", each with
 # its reason). {unlabeled}, {pseudo}, {wide}, {warmup}, {small_crop} are filled in per setting.
 # Rows with identical flags in a setting share one run per seed.
 ROWS = {
@@ -84,7 +86,7 @@ STUDENT = "deeplabv3plus_resnet18_micro"
 # The demo schedule shared by every training (the teachers only train longer), sized so that the
 # demo's student runs fit minutes on 2 CPU cores: output stride 16 and 48x48 crops of the 64x64
 # images cost much less per image than stride 8 at 64x64; batch 8 for twice the steps of batch 16
-# in the same time; lr 0.15 and scales 0.75-1.5 learned fastest on val (README, "tuning the demo").
+# in the same time; lr 0.15 and scales 0.75-1.5 learned fastest on val (docs/DEMO.md, "tuning the demo").
 DEMO_FLAGS = ["--output-stride", "16", "--crop-size", "48", "48", "--batch-size", "8", "--lr", "0.15",
               "--scale-range", "0.75", "1.5", "--channels-last", "--device", "cpu",
               "--val-split", ""]   # the test split is evaluated by eval.py; no validation it would not use
@@ -96,7 +98,7 @@ DEMO = {
     "flags": DEMO_FLAGS, "iters": 200, "teacher_iters": 600, "seeds": [0, 1, 2, 3, 4],
     "eval": ["--split", "test", "--batch-size", "16", "--device", "cpu"], "fps_size": (512, 512),
     "imagenet": False,
-    # README "tuning the demo": SKD's official pixel weight 10 diverged here, 1 was best on val (so
+    # docs/DEMO.md, "tuning the demo": SKD's official pixel weight 10 diverged here, 1 was best on val (so
     # skd_pi is the very run of xie_lp); the official D width 64 costs several student steps on
     # a CPU; FGFI's warm-up is its official share (400 of ~40k iterations rounded up to 10%);
     # 4 unlabeled images (MGD: 2 x 4 mixed into 4) per step beside the 8 labeled, for the budget.
@@ -112,7 +114,7 @@ DEMO = {
     "reported": {},
 }
 # A recipe: one paper's ablation table on real data with ImageNet-initialised backbones. Schedule
-# provenance (README "recipes"): SKD's run_train_val.sh, CIRKD's train_kd.py defaults, MGD's
+# provenance (docs/RECIPES.md): SKD's run_train_val.sh, CIRKD's train_kd.py defaults, MGD's
 # exp.city config; Xie, FGFI and Zhu published no schedule, so theirs is the common setting of
 # the others (512x512 crops, batch 8, 40k iterations, SGD lr 0.01 poly). "flags" go to every
 # training of the recipe (teachers, baseline, rows); batch x accumulate = the paper's batch.
@@ -182,14 +184,14 @@ RECIPES = {
     },
 }
 # CamVid (the 480x360 SegNet layout) with SKD's published CamVid students as teachers, found beside
-# the data root as ../shared/data lays them out (data/README.md) or given by --teacher-checkpoint /
+# the data root as ../shared/data lays them out (../shared/data/README.md) or given by --teacher-checkpoint /
 # --wide-teacher-checkpoint. Their own test mIoU at 360x480: ESPNet 65.13, ESPNet-C 64.13.
 SKD_CAMVID_FILES = {"teacher": "skd_camvid/ESP/SD+KD+CITY_65.1.pth",
                     "wide_teacher": "skd_camvid/esp-c/KD+CITY+SD_64.1.pth"}
 SKD_CAMVID_SOURCE = ("github.com/irfanICMLL/structure_knowledge_distillation, branch cvpr_19, "
                      "checkpoint/Camvid")
 # The CPU-scale real-data setting: every paper's rows on CamVid in at most an hour on 2 cores (README,
-# "CamVid"). Every choice below was made on the val split (README "tuning the CamVid setting"):
+# "CamVid"). Every choice below was made on the val split (docs/CAMVID.md, "how the setting was chosen"):
 # a downscaled copy at 180x240 (a quarter of the pixels; SKD's ESPNet still scores 74.3 val there);
 # ESPNet-C with p = 1, q = 2 as the student (0.145 M parameters, 2.4x fewer than the teacher, and the
 # fastest learner per second of the small networks tried); 96x96 crops, batch 8, Adam lr 5e-3 (poly),
@@ -206,7 +208,7 @@ RECIPES["camvid"] = {
              "partition_baseline", "xie_unlabeled", "zhu", "mgd"],
     "flags": CAMVID_FLAGS, "iters": 600, "teacher_iters": 0, "seeds": [0, 1, 2, 3, 4], "imagenet": False,
     "eval": ["--split", "test", "--batch-size", "8", "--device", "cpu"], "fps_size": (180, 240),
-    # as the demo (README "tuning the demo"): SKD's pixel weight 1 (so skd_pi is the run of xie_lp),
+    # as the demo (docs/DEMO.md, "tuning the demo"): SKD's pixel weight 1 (so skd_pi is the run of xie_lp),
     # a discriminator of width 16, FGFI's warm-up at 10%, 4 unlabeled images per step beside the 8
     "overrides": {
         "skd_pi": ["--kd", "pixel=1"],
@@ -239,7 +241,7 @@ for _student, _reported in (("espnet_c", {"baseline": 56.7, "skd_pi": 58.7, "skd
 # CIRKD's CamVid setting (Yang et al., CVPR 2022, its README and train scripts): crop 360x360, batch
 # 16, 40k iterations, SGD lr 0.02 poly, weight decay 1e-4, aux weight 0.4, ImageNet students, a
 # DeepLabV3-R101 teacher; the 233 test images whole at 360x480. CIRKD's own loss (cross-image
-# relations) is not one of kd-seg's papers: its numbers are in the README beside the baseline's.
+# relations) is not one of kd-seg's papers: its numbers are in docs/CAMVID.md beside the baseline's.
 CIRKD_CAMVID_FLAGS = ["--crop-size", "360", "360", "--batch-size", "8", "--accumulate", "2", "--lr", "0.02",
                       "--weight-decay", "1e-4", "--scale-range", "0.5", "2.0", "--aux-weight", "0.4"]
 for _student, _baseline in (("deeplabv3_resnet18", 66.92), ("pspnet_resnet18", 66.73)):
@@ -255,8 +257,8 @@ for _name, _recipe in RECIPES.items():
     _recipe.setdefault("imagenet", True)
 # CPU-scale jobs (the demo, smoke runs) run with one thread each and the kernels every x86-64 CPU
 # of the last decade has: ATen's vectorised code and oneDNN's convolutions otherwise pick AVX-512
-# where present. This narrows what differs between machines; it does not remove it (README, "the
-# demo": oneDNN also sizes its blocking to the machine, and measured tables still differ).
+# where present. This narrows what differs between machines; it does not remove it (docs/DEMO.md, "what
+# differs between machines": oneDNN also sizes its blocking to the machine, and measured tables still differ).
 REPRODUCIBLE_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "AVX2"}
 # the cost columns' input size: the resolution each dataset is evaluated at (docs/DATASETS.md)
@@ -305,7 +307,7 @@ def get_args_parser():
                    help="label partition 1/K of the train split, the rest unlabeled (MGD: 16)")
     p.add_argument("--list", action="store_true", help="print the rows and recipes and exit")
     p.add_argument("--benchmark", action="store_true",
-                   help="print the README's speed ratios (FPS of Xie's pair, cost of the terms, train.py's "
+                   help="print the speed ratios of docs/BENCHMARKS.md (FPS of Xie's pair, cost of the terms, train.py's "
                         "step); with --recipe camvid --data-root CAMVID: the CamVid setting's step and loading")
     return p
 
@@ -411,9 +413,8 @@ def plan(setting, args, out, data_root, check=True):
     of each (row, seed), the teacher checkpoints, and the in-process steps before them.
 
     `check` (False for --dry-run) lets the plan read the dataset and fetch ImageNet weights."""
-    dataset, rows, seeds = setting["dataset"], setting["rows"], setting["seeds"]
+    dataset = setting["dataset"]
     flags = list(setting["flags"])
-    crop = flag_values(flags, "--crop-size")
     if setting["name"] != "demo":
         flags = ["--dataset", dataset] + flags
         if not args.smoke and not setting.get("cpu"):   # on a GPU: decode images in parallel to the step
@@ -424,34 +425,15 @@ def plan(setting, args, out, data_root, check=True):
         height, width = setting["downscale"]
         pre_steps.append((f"a {height}x{width} copy of {source_root}: {data_root}", datasets.make_camvid_small,
                           (str(source_root), str(data_root), (height, width), setting.get("downscale_count"))))
+    unlabeled, partition_flags = unlabeled_images(setting, args, out, data_root, source_root, check, pre_steps)
+    if partition_flags and not setting.get("partition_rows"):   # every training on the partition, teachers too
+        flags += partition_flags
+    crop = flag_values(flags, "--crop-size")
     fill = {"{warmup}": [str(max(1, setting["iters"] // 10))],
             "{small_crop}": [str(int(c) // 2) for c in crop],
             "{pseudo}": [str(out / "pseudo_labels")],
-            "{wide}": [args.wide_teacher_checkpoint or str(out / "wide_teacher" / "checkpoint.pt")]}
-    # unlabeled images: the demo's unlabeled split; a label partition's rest; or a folder
-    unlabeled = None
-    if dataset == "synthetic":
-        unlabeled = [str(data_root / "images" / "unlabeled")]
-    if setting.get("partition"):
-        k = setting["partition"]
-        lists = out / "partition"
-        labeled_list, unlabeled_list = lists / f"labeled_1-{k}.txt", lists / f"unlabeled_1-{k}.txt"
-        partition_flags = ["--train-subset", str(labeled_list)]
-        if not setting.get("partition_rows"):   # every training on the partition, the teachers too
-            flags += partition_flags
-        if data_root != source_root:   # the copy's layout: its train images in train/
-            image_folder = data_root / "train"
-        elif check:
-            train_set = datasets.build_dataset(dataset, str(data_root), "train")
-            image_folder = os.path.commonpath([os.path.dirname(p) for p in train_set.image_paths])
-        else:
-            image_folder = f"<folder of the {dataset} train images>"
-        unlabeled = [str(image_folder), "--unlabeled-subset", str(unlabeled_list)]
-        pre_steps.append((f"write a 1/{k} label partition of the train split (seed 0): {labeled_list}, "
-                          f"{unlabeled_list}", write_partition, (dataset, data_root, k, lists)))
-    elif args.unlabeled_root or dataset == "cityscapes":
-        unlabeled = [args.unlabeled_root or str(data_root / "leftImg8bit" / "train_extra")]
-    fill["{unlabeled}"] = unlabeled
+            "{wide}": [args.wide_teacher_checkpoint or str(out / "wide_teacher" / "checkpoint.pt")],
+            "{unlabeled}": unlabeled}
 
     def row_flags(row):
         row_flags = setting["overrides"].get(row, ROWS[row][2])
@@ -462,13 +444,12 @@ def plan(setting, args, out, data_root, check=True):
             row_flags = row_flags + partition_flags
         return [value for flag in row_flags for value in fill.get(flag, [flag])]
 
-    for row in rows:   # every row's inputs exist before any download or training starts
-        row_flags(row)
+    rows = {row: row_flags(row) for row in setting["rows"]}   # every row's inputs exist before anything runs
 
-    def training(out_dir, model, iters, seed, extra=(), imagenet=True):
+    def training(out_dir, model, iters, seed, extra=()):
         argv = ["--model", model, "--iters", str(iters), "--seed", str(seed), "--data-root", str(data_root),
                 "--out", str(out_dir), "--log-every", "50", *flags, *extra]
-        if setting["imagenet"] and imagenet:
+        if setting["imagenet"]:
             argv += ["--pretrained", imagenet_weights(model, args.weights_dir, check)]
         return argv
 
@@ -477,41 +458,87 @@ def plan(setting, args, out, data_root, check=True):
                 *setting["eval"], "--workers", "0", "--json", str(json_path)]
         return (f"{name} eval", "eval.py", argv, needs)
 
+    teacher_jobs, teachers = plan_teachers(setting, args, out, fill, training, evaluation_job)
+    jobs, run_dirs = plan_students(setting, args, out, rows, teachers["teacher"], training, evaluation_job)
+    if check and dataset != "synthetic":   # the root is in the dataset's layout, a given teacher fits it
+        classes = datasets.build_dataset(dataset, str(source_root), "train").num_classes
+        for given in (args.teacher_checkpoint, args.wide_teacher_checkpoint):
+            if given:
+                evaluation.load_checkpoint(given, expect_classes=classes)
+    return teacher_jobs + jobs, run_dirs, teachers, pre_steps
+
+
+def unlabeled_images(setting, args, out, data_root, source_root, check, pre_steps):
+    """The unlabeled images of a setting, as train.py flags (the folder first): the demo's unlabeled
+    split; the rest of a seeded label partition (its writing appended to `pre_steps`); a given
+    folder; or None. Also the flags that restrict a training to the partition ([] without one)."""
+    dataset = setting["dataset"]
+    if setting.get("partition"):
+        k = setting["partition"]
+        lists = out / "partition"
+        labeled_list, unlabeled_list = lists / f"labeled_1-{k}.txt", lists / f"unlabeled_1-{k}.txt"
+        if data_root != source_root:   # the copy's layout: its train images in train/
+            image_folder = data_root / "train"
+        elif check:
+            train_set = datasets.build_dataset(dataset, str(data_root), "train")
+            image_folder = os.path.commonpath([os.path.dirname(p) for p in train_set.image_paths])
+        else:
+            image_folder = f"<folder of the {dataset} train images>"
+        pre_steps.append((f"write a 1/{k} label partition of the train split (seed 0): {labeled_list}, "
+                          f"{unlabeled_list}", write_partition, (dataset, data_root, k, lists)))
+        return [str(image_folder), "--unlabeled-subset", str(unlabeled_list)], ["--train-subset", str(labeled_list)]
+    if dataset == "synthetic":
+        return [str(data_root / "images" / "unlabeled")], []
+    if args.unlabeled_root or dataset == "cityscapes":
+        return [args.unlabeled_root or str(data_root / "leftImg8bit" / "train_extra")], []
+    return None, []
+
+
+def plan_teachers(setting, args, out, fill, training, evaluation_job):
+    """The teacher's jobs (trained unless given), MGD's wide teacher's where a row needs it, each
+    one's evaluation, and Zhu et al.'s offline pseudo labels (confidence 0.5) where a row needs them.
+    Returns the jobs and {"teacher", "eval", and "wide_teacher", "wide_eval" where needed}: paths."""
+    rows = setting["rows"]
     jobs, teachers = [], {}
-    teacher_ckpt = Path(args.teacher_checkpoint) if args.teacher_checkpoint else out / "teacher" / "checkpoint.pt"
-    teachers["teacher"] = teacher_ckpt
+    teacher = Path(args.teacher_checkpoint) if args.teacher_checkpoint else out / "teacher" / "checkpoint.pt"
+    teachers["teacher"] = teacher
     if not args.teacher_checkpoint:
         jobs.append(("teacher", "train.py", training(out / "teacher", setting["teacher"], setting["teacher_iters"], 0), []))
     # a given teacher's folder is not ours: its evaluation is written here
     teachers["eval"] = out / "teacher_eval.json" if args.teacher_checkpoint else out / "teacher" / "eval.json"
-    jobs.append(evaluation_job("teacher", teacher_ckpt, teachers["eval"], [] if args.teacher_checkpoint else ["teacher"]))
-    needs_wide = any("{wide}" in ROWS[r][2] for r in rows)
-    if needs_wide and not args.wide_teacher_checkpoint:
-        jobs.append(("wide teacher", "train.py", training(out / "wide_teacher", setting["wide_teacher"],
-                                                           setting["teacher_iters"], 0), []))
-    if needs_wide:   # MGD's second teacher is scored too
+    jobs.append(evaluation_job("teacher", teacher, teachers["eval"], [] if args.teacher_checkpoint else ["teacher"]))
+    if any("{wide}" in ROWS[r][2] for r in rows):   # MGD's second teacher, scored too
+        if not args.wide_teacher_checkpoint:
+            jobs.append(("wide teacher", "train.py", training(out / "wide_teacher", setting["wide_teacher"],
+                                                               setting["teacher_iters"], 0), []))
         teachers["wide_teacher"] = Path(fill["{wide}"][0])
         teachers["wide_eval"] = (out / "wide_teacher_eval.json" if args.wide_teacher_checkpoint
                                  else out / "wide_teacher" / "eval.json")
         jobs.append(evaluation_job("wide teacher", teachers["wide_teacher"], teachers["wide_eval"],
                                    [] if args.wide_teacher_checkpoint else ["wide teacher"]))
-    if any("{pseudo}" in ROWS[r][2] for r in rows):   # Zhu et al.: offline, confidence 0.5
-        argv = ["--checkpoint", str(teacher_ckpt), "--dataset", "folder", "--data-root", unlabeled[0],
+    if any("{pseudo}" in ROWS[r][2] for r in rows):
+        argv = ["--checkpoint", str(teacher), "--dataset", "folder", "--data-root", fill["{unlabeled}"][0],
                 "--save-pred", str(out / "pseudo_labels"), "--threshold", "0.5", "--workers", "0",
                 "--json", str(out / "pseudo_labels.json")]
         jobs.append(("pseudo labels", "eval.py", argv, [] if args.teacher_checkpoint else ["teacher"]))
-    teacher_jobs, jobs, run_dirs, first_with = jobs, [], {}, {}
-    for row in rows:
-        extra = row_flags(row)
+    return jobs, teachers
+
+
+def plan_students(setting, args, out, rows, teacher, training, evaluation_job):
+    """The student's training and evaluation per row ({row: its filled train.py flags}) and seed;
+    rows with identical flags share one run. Returns the jobs, slowest rows first, and
+    {(row, seed): run folder}."""
+    jobs, run_dirs, first_with = [], {}, {}
+    for row, extra in rows.items():
         needs = [] if args.teacher_checkpoint else ["teacher"] if "--kd" in extra else []
         if "--kd" in extra:   # online distillation; Zhu's rows use the offline pseudo labels
-            extra += ["--teacher-checkpoint", str(teacher_ckpt)]
-        if needs_wide and "{wide}" in ROWS[row][2] and not args.wide_teacher_checkpoint:
+            extra = extra + ["--teacher-checkpoint", str(teacher)]
+        if "{wide}" in ROWS[row][2] and not args.wide_teacher_checkpoint:
             needs.append("wide teacher")
         if "--pseudo-labels" in extra:
             needs.append("pseudo labels")
         key = tuple(extra)
-        for seed in seeds:
+        for seed in setting["seeds"]:
             if key in first_with:   # the identical run already exists under an earlier row
                 run_dirs[row, seed] = run_dirs[first_with[key], seed]
                 continue
@@ -526,12 +553,7 @@ def plan(setting, args, out, data_root, check=True):
     slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]
     jobs.sort(key=lambda job: (job[0].startswith("baseline "),
                                slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
-    if check and dataset != "synthetic":   # the root is in the dataset's layout, a given teacher fits it
-        classes = datasets.build_dataset(dataset, str(source_root), "train").num_classes
-        for given in (args.teacher_checkpoint, args.wide_teacher_checkpoint):
-            if given:
-                evaluation.load_checkpoint(given, expect_classes=classes)
-    return teacher_jobs + jobs, run_dirs, teachers, pre_steps
+    return jobs, run_dirs
 
 
 def copy_root(setting, out):
@@ -724,19 +746,20 @@ def verdict(gains):
 
 
 def format_results(rows, with_reported):
-    head = "| row | paper | adds | params (M) | GMACs | mIoU | gain [95% CI] | verdict | FPS | train (s) |"
-    rule = "|---|---|---|---:|---:|---:|---:|---|---:|---:|"
+    head = "| row | paper | adds | params (M) | GMACs | mIoU | gain [95% CI] | verdict | detectable | FPS | train (s) |"
+    rule = "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"
     if with_reported:
         head, rule = head + " paper's mIoU |", rule + "---:|"
     lines = [head, rule]
     for r in rows:
         miou = f"{r['mean']:.1f} ± {r['std']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
-        gain = ""
+        gain, detectable = "", ""   # detectable: the smallest gain the interval would call better
         if r["gain"] is not None:
             gain = f"{r['gain']:+.1f}" + (f" [{r['gain'] - r['ci']:+.1f}, {r['gain'] + r['ci']:+.1f}]"
                                           if r["ci"] is not None else "")
+            detectable = f"{r['ci']:.1f}" if r["ci"] is not None else ""
         line = (f"| {r['name']} | {r['paper']} | {r['adds']} | {r['params_m']:.2f} | {r['gmacs']:.3f} | "
-                f"{miou} | {gain} | {r['verdict']} | {r['fps']:.1f} | {r['train_s']} |")
+                f"{miou} | {gain} | {r['verdict']} | {detectable} | {r['fps']:.1f} | {r['train_s']} |")
         if with_reported:
             line += f" {r['reported']} |"
         lines.append(line)
@@ -908,7 +931,8 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
               f"iterations; seeds {seeds}; {split} split, last checkpoint.", "", table, "",
               "Gain: mean paired difference to the baseline over the same seeds, with its 95% "
               "confidence interval (paired t test); 'better' or 'worse' when the interval excludes 0, "
-              f"'inconclusive' otherwise. Params, GMACs and FPS at {fps_size[0]}x{fps_size[1]}: the "
+              "'inconclusive' otherwise; detectable: the interval's half-width, the smallest gain it "
+              f"calls. Params, GMACs and FPS at {fps_size[0]}x{fps_size[1]}: the "
               f"models as deployed (no auxiliary head), batch 1; FPS in kd_seg.py's own process "
               f"({kernels()}).", "",
               "![predictions](predictions.png)  ", f"Columns: {', '.join(columns)}.", ""]
@@ -954,7 +978,7 @@ def median_and_spread(values):
 
 
 def benchmark(args):
-    """The README's speed numbers, each the median over interleaved rounds with its range:
+    """The speed numbers of docs/BENCHMARKS.md, each the median over interleaved rounds with its range:
     (1) CPU FPS of Xie et al.'s pair at 512x512 (docs/DATASETS.md protocol); (2) what the distillation
     terms cost: a demo step with every labeled term against a plain student step plus a teacher
     forward; (3) train.py's own step against the same step on a fixed batch, in interleaved

@@ -235,6 +235,18 @@ def test_verdicts_are_paired_t_tests_at_95_percent():
     assert kd_seg.verdict([3.0]) == "n/a (1 seed)"
 
 
+def test_table_prints_the_smallest_detectable_gain():
+    """The "detectable" column is the 95% interval's half-width: the smallest gain the row could call."""
+    gains = [1.0, 2.0, 3.0]
+    mean, half = kd_seg.gain_interval(gains)
+    row = {"name": "xie_lp", "paper": "Xie 2018", "adds": "+L_p", "params_m": 1.0, "gmacs": 2.0, "mean": 45.0,
+           "std": 1.0, "n": 3, "gain": mean, "ci": half, "verdict": kd_seg.verdict(gains), "fps": 9.0, "train_s": "5"}
+    table = kd_seg.format_results([row], with_reported=False).splitlines()
+    cells = dict(zip([c.strip() for c in table[0].split("|")], [c.strip() for c in table[2].split("|")]))
+    assert cells["detectable"] == f"{half:.1f}" == "2.5"
+    assert cells["gain [95% CI]"] == "+2.0 [-0.5, +4.5]" and cells["verdict"] == "inconclusive"
+
+
 def test_pool_workers_end_with_kd_seg_after_kill_9(tmp_path):
     """kill -9 of kd_seg.py leaves no worker behind (Linux: parents from /proc)."""
     import signal
@@ -284,7 +296,8 @@ def test_readme_equation_map_points_at_its_functions():
     does (a def, a class, or a line naming the term), so they cannot silently drift."""
     repo = kd_seg.__file__.rsplit("/", 1)[0]
     readme = open(f"{repo}/README.md").read()
-    table = readme[readme.index("## Each paper equation in the code"):readme.index("## Paper value vs code default")]
+    start = readme.index("## Each paper equation in the code")
+    table = readme[start:readme.index("\n## ", start)]
     checked = 0
     for row in table.splitlines():
         cells = row.split(" | ")
@@ -299,6 +312,25 @@ def test_readme_equation_map_points_at_its_functions():
                 assert any(n in first for n in names), (row, first)
                 checked += 1
     assert checked >= 15
+
+
+def test_every_link_and_named_document_is_in_the_repository():
+    """The README and docs/ link only to files the repository ships (a clone has no ../shared), and
+    every docs/*.md that the code, the tests or the documents name exists."""
+    repo = Path(kd_seg.__file__).resolve().parent
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    links = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:|#", target):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(repo) and path.exists(), f"{page.name} links {target}: not in the repository"
+            links += 1
+    for source in [*repo.glob("*.py"), *(repo / "tests").glob("*.py"), *pages]:
+        for name in re.findall(r"\bdocs/(\w+\.md)", source.read_text()):
+            assert (repo / "docs" / name).is_file(), f"{source.name} names docs/{name}, which does not exist"
+    assert links >= 10
 
 
 @pytest.mark.skipif(not HAS_CAMVID, reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
