@@ -47,12 +47,12 @@ Objects are colourful (saturation 0.5-1), the background greyish (0-0.3), so col
 objects. Each object class draws its hue from a window of width 0.17 around a hue of its own
 (class_hue_prior=0.83): 19% of hues belong to two classes, so colour is a prior, as in real
 data, and shape, texture and context settle the rest: a per-pixel colour classifier reaches
-about 54 val mIoU, the demo's teacher about 62 (tests/test_datasets.py, README). 3 to 5
+about 54 val mIoU, the demo's teacher about 62 (tests/test_datasets.py, docs/DEMO.md). 3 to 5
 objects per image (radius 10-19 px) are painted back to front, so later ones occlude earlier
 ones; each gets a brightness ramp; then the image may be blurred, gets a per-image colour jitter
 and Gaussian pixel noise.
 
-Calibration: README, "the synthetic benchmark" (the measured teacher and student at the demo
+Calibration: docs/DEMO.md, "the synthetic benchmark" (the measured teacher and student at the demo
 schedule, and the knob settings that were tried and rejected). Exploratory runs showed that with
 no hue prior at all, students from scratch learn almost nothing in a few hundred steps: shape and
 texture are slow to learn, which is why the prior is there.
@@ -784,7 +784,7 @@ SYNTHETIC_KNOBS = dict(
     # of the CPU demo learn almost nothing in a few hundred steps (see the module docstring).
     class_hue_prior=0.83,
     # classes that share one hue window; ((1,), ..., (7,)): every class its own. Sharing one
-    # between the textured blobs (5, 6) makes texture their only cue (README: slower to learn)
+    # between the textured blobs (5, 6) makes texture their only cue (docs/DEMO.md: slower to learn)
     hue_groups=((1,), (2,), (3,), (4,), (5,), (6,), (7,)),
     min_contrast=0.2,  # RGB distance of an object from the background under its centre
     blur_prob=0.5,  # chance of a [1, 2, 1] blur (optics) before the noise

@@ -588,7 +588,7 @@ def load_checkpoint(path, device="cpu", expect_model=None, expect_classes=None):
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
             raise error from None
-        # a published teacher (torchvision / mmsegmentation / CIRKD, README "Published teachers"),
+        # a published teacher (torchvision / mmsegmentation / CIRKD, docs/PUBLISHED.md),
         # recognised from its keys and shapes and loaded strictly and safely, or one line
         model = models.load_published(path, name=expect_model)
         if expect_classes and expect_classes != model.num_classes:

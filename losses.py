@@ -2,7 +2,7 @@
 
 Every term takes tensors and returns a scalar tensor. No term applies its own loss weight
 (lambda_gp, lambda_1, lambda_2, ...): weights are applied in one place, by the caller (the
-`Distiller` below), so that the README's "paper vs code default" table maps to one dict.
+`Distiller` below), so that docs/PAPER_VS_CODE.md's "paper value vs code default" table maps to one dict.
 The specification with every formula, normalisation and default is docs/METHODS.md.
 
 Papers:

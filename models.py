@@ -21,8 +21,7 @@ What is in this file
   take BGR minus the Caffe mean, converted inside the model).
 - `build_model(name, num_classes, output_stride=8, pretrained=None, aux=False)`, `MODEL_NAMES`,
   `build_backbone`, `load_backbone_weights`, `count_parameters`, and `load_published(file)`:
-  a torchvision / mmsegmentation / CIRKD segmentation file as a kd-seg model (README: "Published
-  teachers").
+  a torchvision / mmsegmentation / CIRKD segmentation file as a kd-seg model (docs/PUBLISHED.md).
 
 Usage
     from models import build_model, MODEL_NAMES
@@ -845,14 +844,14 @@ def build_espnet(name, num_classes, output_stride=8, pretrained=None, aux=False)
 
 
 def count_parameters(model):
-    """Number of parameters (trainable or not), e.g. for the README's model table."""
+    """Number of parameters (trainable or not), e.g. for kd_seg.py's tables."""
     return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------
 # Published checkpoints: torchvision, mmsegmentation and CIRKD files, recognised from their keys
 # and shapes, renamed to kd-seg's keys and loaded strictly. Each layout is a table of (source key
-# prefix, kd-seg key prefix) rows: the same architecture, other names. The README lists the files.
+# prefix, kd-seg key prefix) rows: the same architecture, other names. docs/PUBLISHED.md lists the files.
 
 def _conv_module(source, ours):
     """mmcv's ConvModule (`conv`, `bn`) <-> conv_bn_relu (`0`, `1`)."""

@@ -101,7 +101,7 @@ def get_args_parser():
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     g = p.add_argument_group("distillation (see losses.py and docs/METHODS.md)")
     g.add_argument("--teacher-checkpoint", help="frozen teacher: a train.py checkpoint, or a published "
-                   "torchvision / mmsegmentation / CIRKD file (README: Published teachers)")
+                   "torchvision / mmsegmentation / CIRKD file (docs/PUBLISHED.md)")
     g.add_argument("--wide-teacher-checkpoint", help="MGD's second, wide teacher")
     g.add_argument("--kd", default="", help="term=weight,... with terms from losses.TERMS")
     g.add_argument("--tau", type=float, default=1.0, help="temperature of pixel_kd (Xie/SKD: 1)")
