@@ -90,6 +90,19 @@ STUDENT = "deeplabv3plus_resnet18_micro"
 DEMO_FLAGS = ["--output-stride", "16", "--crop-size", "48", "48", "--batch-size", "8", "--lr", "0.15",
               "--scale-range", "0.75", "1.5", "--channels-last", "--device", "cpu",
               "--val-split", ""]   # the test split is evaluated by eval.py; no validation it would not use
+# The rows at CPU scale (the demo and the camvid setting; docs/DEMO.md, "tuning the demo"): SKD's
+# official pixel weight 10 diverged there, 1 was best on val (so skd_pi is the very run of xie_lp);
+# the official D width 64 costs several student steps on a CPU; FGFI's warm-up is its official share
+# (400 of ~40k iterations rounded up to 10%); 4 unlabeled images (MGD: 2 x 4 mixed into 4) per step
+# beside the 8 labeled, for the budget.
+CPU_OVERRIDES = {
+    "skd_pi": ["--kd", "pixel=1"],
+    "skd_pi_pa": ["--kd", "pixel=1,pairwise=0.5"],
+    "skd_pi_pa_ho": ["--kd", "pixel=1,pairwise=0.5,holistic=0.1", "--d-width", "16"],
+    "fgfi": ["--kd", "imitation=0.01", "--imitation-warmup", "{warmup}"],
+    "xie_unlabeled": ROWS["xie_unlabeled"][2] + ["--unlabeled-batch-size", "4"],
+    "mgd": ROWS["mgd"][2] + ["--unlabeled-batch-size", "4"],
+}
 DEMO = {
     "name": "demo", "paper": "every paper's rows, at CPU scale", "dataset": "synthetic",
     "teacher": TEACHER, "wide_teacher": WIDE_TEACHER, "student": STUDENT,
@@ -98,19 +111,8 @@ DEMO = {
     "flags": DEMO_FLAGS, "iters": 200, "teacher_iters": 600, "seeds": [0, 1, 2, 3, 4],
     "eval": ["--split", "test", "--batch-size", "16", "--device", "cpu"], "fps_size": (512, 512),
     "imagenet": False,
-    # docs/DEMO.md, "tuning the demo": SKD's official pixel weight 10 diverged here, 1 was best on val (so
-    # skd_pi is the very run of xie_lp); the official D width 64 costs several student steps on
-    # a CPU; FGFI's warm-up is its official share (400 of ~40k iterations rounded up to 10%);
-    # 4 unlabeled images (MGD: 2 x 4 mixed into 4) per step beside the 8 labeled, for the budget.
-    "overrides": {
-        "skd_pi": ["--kd", "pixel=1"],
-        "skd_pi_pa": ["--kd", "pixel=1,pairwise=0.5"],
-        "skd_pi_pa_ho": ["--kd", "pixel=1,pairwise=0.5,holistic=0.1", "--d-width", "16"],
-        "fgfi": ["--kd", "imitation=0.01", "--imitation-warmup", "{warmup}"],
-        "xie_unlabeled": ROWS["xie_unlabeled"][2] + ["--unlabeled-batch-size", "4"],
-        "mgd": ROWS["mgd"][2] + ["--unlabeled-batch-size", "4"],
-        "zhu_c2f": ROWS["zhu_c2f"][2][:-1] + ["32", "32"],   # 32x32, not 24x24: the rings survive
-    },
+    "overrides": {**CPU_OVERRIDES,
+                  "zhu_c2f": ROWS["zhu_c2f"][2][:-1] + ["32", "32"]},   # 32x32, not 24x24: the rings survive
     "reported": {},
 }
 # A recipe: one paper's ablation table on real data with ImageNet-initialised backbones. Schedule
@@ -208,16 +210,7 @@ RECIPES["camvid"] = {
              "partition_baseline", "xie_unlabeled", "zhu", "mgd"],
     "flags": CAMVID_FLAGS, "iters": 600, "teacher_iters": 0, "seeds": [0, 1, 2, 3, 4], "imagenet": False,
     "eval": ["--split", "test", "--batch-size", "8", "--device", "cpu"], "fps_size": (180, 240),
-    # as the demo (docs/DEMO.md, "tuning the demo"): SKD's pixel weight 1 (so skd_pi is the run of xie_lp),
-    # a discriminator of width 16, FGFI's warm-up at 10%, 4 unlabeled images per step beside the 8
-    "overrides": {
-        "skd_pi": ["--kd", "pixel=1"],
-        "skd_pi_pa": ["--kd", "pixel=1,pairwise=0.5"],
-        "skd_pi_pa_ho": ["--kd", "pixel=1,pairwise=0.5,holistic=0.1", "--d-width", "16"],
-        "fgfi": ["--kd", "imitation=0.01", "--imitation-warmup", "{warmup}"],
-        "xie_unlabeled": ROWS["xie_unlabeled"][2] + ["--unlabeled-batch-size", "4"],
-        "mgd": ROWS["mgd"][2] + ["--unlabeled-batch-size", "4"],
-    },
+    "overrides": CPU_OVERRIDES,   # as the demo's (pixel weight 1 kept on val: docs/CAMVID.md)
     # SKD's own CamVid students (ESPNet-C, p = 2, q = 8, 300 epochs at 360x480 from a PSPNet-R101
     # teacher): another student and schedule, shown for the direction of each gain, not its size
     "reported": {"teacher": 65.1, "baseline": 56.7, "skd_pi": 58.7, "skd_pi_pa_ho": 60.3},
