@@ -92,9 +92,9 @@ DEMO_FLAGS = ["--output-stride", "16", "--crop-size", "48", "48", "--batch-size"
               "--val-split", ""]   # the test split is evaluated by eval.py; no validation it would not use
 # The rows at CPU scale (the demo and the camvid setting; docs/DEMO.md, "tuning the demo"): SKD's
 # official pixel weight 10 diverged there, 1 was best on val (so skd_pi is the very run of xie_lp);
-# the official D width 64 costs several student steps on a CPU; FGFI's warm-up is its official share
-# (400 of ~40k iterations rounded up to 10%); 4 unlabeled images (MGD: 2 x 4 mixed into 4) per step
-# beside the 8 labeled, for the budget.
+# the official D width 64 costs several student steps on a CPU; FGFI's warm-up is the first 10% of
+# the iterations (kd-seg's choice: the official 400 of ~40k is 1%, a handful of steps here); 4
+# unlabeled images (MGD: 2 x 4 mixed into 4) per step beside the 8 labeled, for the budget.
 CPU_OVERRIDES = {
     "skd_pi": ["--kd", "pixel=1"],
     "skd_pi_pa": ["--kd", "pixel=1,pairwise=0.5"],
@@ -759,6 +759,43 @@ def format_results(rows, with_reported):
     return "\n".join(lines)
 
 
+def result_rows(setting, out, run_dirs, teachers, fps_size, quick, cost_threads):
+    """The table's rows: the evaluation split's mIoU of every run (mean, spread, the paired gain over
+    its baseline with its 95% interval and verdict), the teachers' and the student's costs as
+    deployed, train seconds and the paper's number where it has one."""
+    def miou(json_path):
+        return 100 * json.loads(Path(json_path).read_text())["metrics"]["miou"]
+
+    seeds, reported = setting["seeds"], setting["reported"]
+    teacher_cost = cost_of(teachers["teacher"], fps_size, quick, cost_threads, out / "teacher_cost.json")
+    student_cost = cost_of(run_dirs["baseline", seeds[0]] / "checkpoint.pt", fps_size, quick, cost_threads,
+                           out / "student_cost.json")
+    rows = [{"name": "teacher", "paper": "-", "adds": setting["teacher"], "mean": miou(teachers["eval"]),
+             "std": 0.0, "n": 1, "gain": None, "ci": None, "verdict": "", **teacher_cost,
+             "train_s": train_seconds([teachers["teacher"].parent]), "reported": reported.get("teacher", "")}]
+    if "wide_eval" in teachers:   # MGD's second, structurally different teacher
+        wide_cost = cost_of(teachers["wide_teacher"], fps_size, quick, cost_threads, out / "wide_teacher_cost.json")
+        rows.append({"name": "wide teacher", "paper": "-", "adds": setting["wide_teacher"],
+                     "mean": miou(teachers["wide_eval"]), "std": 0.0, "n": 1, "gain": None, "ci": None,
+                     "verdict": "", **wide_cost, "train_s": train_seconds([teachers["wide_teacher"].parent]),
+                     "reported": ""})
+    on_partition = partition_rows(setting)
+    for row in setting["rows"]:
+        baseline = "partition_baseline" if row in on_partition else "baseline"   # its own labels
+        base = [miou(run_dirs[baseline, s] / "eval.json") for s in seeds]
+        values = [miou(run_dirs[row, s] / "eval.json") for s in seeds]
+        gains = [v - b for v, b in zip(values, base)]
+        gain, ci = gain_interval(gains)
+        rows.append({
+            "name": row, "paper": ROWS[row][0], "adds": ROWS[row][1], "values": values,
+            "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "gain": None if row == baseline else gain, "ci": None if row == baseline else ci,
+            "verdict": "" if row == baseline else verdict(gains),
+            **student_cost, "train_s": train_seconds([run_dirs[row, s] for s in seeds]),
+            "reported": reported.get(row, "")})
+    return rows
+
+
 def train_seconds(run_dirs):
     """Mean wall time of the runs' trainings, one process each ("" if any was resumed)."""
     files = [Path(d) / "train_seconds.txt" for d in run_dirs]
@@ -856,8 +893,10 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
     start = time.perf_counter()
     command = " ".join(["python", "kd_seg.py", *sys.argv[1:]])
     # a rerun reuses finished trainings, so it must be the same schedule on the same data
+    # and scored on the same split: a val run never passes its numbers off as the test table
     evaluation.claim_output_dir(out, {"setting": name, "dataset": dataset, "data_root": str(data_root),
-                                      "iters": setting["iters"], "teacher_iters": setting["teacher_iters"]})
+                                      "iters": setting["iters"], "teacher_iters": setting["teacher_iters"],
+                                      "split": flag_values(setting["eval"], "--split")[0]})
     if demo:   # no-op when already complete; --quick makes a small copy that fits its minute
         datasets.make_synthetic(data_root, counts=QUICK_COUNTS if args.quick else None)
     for _, function, function_args in pre_steps:
@@ -869,43 +908,14 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
     results = run_all(jobs, jobs_at_once, out, reproducible=cpu_scale)
     data_root = copy_root(setting, out) or data_root   # what the jobs read and were scored on
 
-    # the table: evaluation split mIoU of every run, costs of the teacher and student as deployed
-    def miou(json_path):
-        return 100 * json.loads(Path(json_path).read_text())["metrics"]["miou"]
-
-    seeds = setting["seeds"]
     fps_size = setting.get("fps_size") or FPS_SIZE.get(dataset, (512, 512))
-    cost_threads = os.cpu_count() if cpu_scale else None
-    quick = args.quick or args.smoke
-    teacher_cost = cost_of(teachers["teacher"], fps_size, quick, cost_threads, out / "teacher_cost.json")
-    student_cost = cost_of(run_dirs["baseline", seeds[0]] / "checkpoint.pt", fps_size, quick, cost_threads,
-                           out / "student_cost.json")
-    reported = setting["reported"]
-    table_rows = [{"name": "teacher", "paper": "-", "adds": setting["teacher"], "mean": miou(teachers["eval"]),
-                   "std": 0.0, "n": 1, "gain": None, "ci": None, "verdict": "", **teacher_cost,
-                   "train_s": train_seconds([teachers["teacher"].parent]), "reported": reported.get("teacher", "")}]
-    if "wide_eval" in teachers:   # MGD's second, structurally different teacher
-        wide_cost = cost_of(teachers["wide_teacher"], fps_size, quick, cost_threads, out / "wide_teacher_cost.json")
-        table_rows.append({"name": "wide teacher", "paper": "-", "adds": setting["wide_teacher"],
-                           "mean": miou(teachers["wide_eval"]), "std": 0.0, "n": 1, "gain": None, "ci": None,
-                           "verdict": "", **wide_cost, "train_s": train_seconds([teachers["wide_teacher"].parent]),
-                           "reported": ""})
-    on_partition = partition_rows(setting)
-    for row in setting["rows"]:
-        baseline = "partition_baseline" if row in on_partition else "baseline"   # its own labels
-        base = [miou(run_dirs[baseline, s] / "eval.json") for s in seeds]
-        values = [miou(run_dirs[row, s] / "eval.json") for s in seeds]
-        gains = [v - b for v, b in zip(values, base)]
-        gain, ci = gain_interval(gains)
-        table_rows.append({
-            "name": row, "paper": ROWS[row][0], "adds": ROWS[row][1], "values": values,
-            "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "gain": None if row == baseline else gain, "ci": None if row == baseline else ci,
-            "verdict": "" if row == baseline else verdict(gains),
-            **student_cost, "train_s": train_seconds([run_dirs[row, s] for s in seeds]),
-            "reported": reported.get(row, "")})
-    table = format_results(table_rows, bool(reported))
+    table_rows = result_rows(setting, out, run_dirs, teachers, fps_size, quick=args.quick or args.smoke,
+                             cost_threads=os.cpu_count() if cpu_scale else None)
+    seeds = setting["seeds"]
+    table = format_results(table_rows, bool(setting["reported"]))
     print(table)
+    if args.quick or args.smoke:
+        print("a smoke run (--quick / --smoke): its numbers test the pipeline, not the methods")
 
     split = flag_values(setting["eval"], "--split")[0]
     eval_set = datasets.build_dataset(dataset, str(data_root), split)
@@ -921,7 +931,9 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
               f"Date: {time.strftime('%Y-%m-%d %H:%M')}; wall time {evaluation.format_eta(elapsed)}  ",
               f"Setting: {setting['paper']}; dataset {dataset}; teacher {setting['teacher']} "
               f"{setting['teacher_iters']} iterations; student {setting['student']} {setting['iters']} "
-              f"iterations; seeds {seeds}; {split} split, last checkpoint.", "", table, "",
+              f"iterations; seeds {seeds}; {split} split, last checkpoint.", "",
+              *(["**A smoke run (--quick / --smoke): its numbers test the pipeline, not the methods.**", ""]
+                if args.quick or args.smoke else []), table, "",
               "Gain: mean paired difference to the baseline over the same seeds, with its 95% "
               "confidence interval (paired t test); 'better' or 'worse' when the interval excludes 0, "
               "'inconclusive' otherwise; detectable: the interval's half-width, the smallest gain it "

@@ -34,6 +34,12 @@ def test_quick_demo_writes_table_report_and_pictures(tmp_path):
                     timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "baseline seed 0 done" in again.stdout
+    assert "its numbers test the pipeline, not the methods" in report
+    # scored on another split, the finished runs would be reused: refused, the table left alone
+    table = (out / "REPORT.md").read_text()
+    val = run_cli("kd_seg.py", "--quick", "--out", out, "--data-root", data, "--rows", "baseline", "--split", "val")
+    assert val.returncode == 2 and "results of another run" in val.stderr, val.stderr[-2000:]
+    assert (out / "REPORT.md").read_text() == table
 
 
 def test_unknown_row_is_one_line_error(tmp_path):
