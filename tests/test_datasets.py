@@ -125,7 +125,7 @@ def test_synthetic_dataset_items(synthetic_root):
 
 def colour_alone_miou(root):
     """Val mIoU (%) of a per-pixel colour classifier (an MLP on RGB: no shape, texture or
-    context) fitted on the train split of the synthetic data at root. The README runs it on other
+    context) fitted on the train split of the synthetic data at root. docs/DEMO.md runs it on other
     knob settings: python -c "import sys; sys.path.insert(0, 'tests'); import test_datasets as t;
     print(t.colour_alone_miou('data/texture_pair'))" """
     import eval as evaluation
@@ -155,10 +155,10 @@ def colour_alone_miou(root):
 def test_colour_alone_does_not_solve_the_benchmark(tmp_path):
     """The design promise: a class is not given by colour alone. The colour classifier is fitted
     on the default train split and scored on val (200 + 200 images: the very files of the default
-    data, each image has its own seed). The README quotes the printed value (`-s` shows it)."""
+    data, each image has its own seed). docs/DEMO.md quotes the printed value (`-s` shows it)."""
     miou = colour_alone_miou(datasets.make_synthetic(str(tmp_path / "s"), counts={"train": 200, "val": 200}))
     print(f"colour alone (per-pixel MLP on RGB): val mIoU {miou:.1f}")
-    # the demo's teacher reaches 62.6 val mIoU (README); colour alone must stay below it
+    # the demo's teacher reaches 62.6 val mIoU (docs/DEMO.md); colour alone must stay below it
     assert miou < 60
 
 

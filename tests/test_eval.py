@@ -115,6 +115,14 @@ def test_fps_protocol_fields():
     assert r["iters"] == 3 and r["fps"] > 0 and "cpu" in r["device"] and r["upsample_argmax"]
 
 
+def test_readme_cost_command_for_an_untrained_model():
+    # the README's `eval.py --model espnet_c --num-classes 11 --fps --fps-size 360 480`, at smoke scale
+    r = run_cli("eval.py", "--model", "espnet_c", "--num-classes", "11", "--fps", "--fps-size", "360", "480",
+                "--fps-iters", "2", "--fps-seconds", "0.1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0.35" in r.stdout and "1.14" in r.stdout, r.stdout   # params (M), GMACs at 360x480
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint", "missing.pt", "--data-root", "x"], "not found"),
     (["--model", "nope", "--num-classes", "3", "--fps"], "unknown"),
