@@ -478,7 +478,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_paths, label_paths, class_names, palette=None, lut=None,
-                 transforms=None, thing_classes=()):
+                 transforms=None, thing_classes=(), keep_decoded=False):
         self.image_paths = list(image_paths)
         self.label_paths = [None] * len(self.image_paths) if label_paths is None else list(label_paths)
         if len(self.label_paths) != len(self.image_paths):
@@ -494,6 +494,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.lut = make_lut() if lut is None else np.asarray(lut, dtype=np.uint8)
         self.transforms = transforms if transforms is not None else build_transforms(train=False)
         self.thing_classes = list(thing_classes)
+        # keep_decoded: each image and label held in memory after its first read (in each loader
+        # process), for a dataset that fits there, such as CamVid: decoding a PNG costs more than
+        # the whole augmentation of a crop. Keyed by path, so keep_listed's subsets may share it.
+        self.decoded = {} if keep_decoded else None
 
     def __len__(self):
         return len(self.image_paths)
@@ -513,14 +517,24 @@ class SegmentationFolder(torch.utils.data.Dataset):
                              f"[0, {self.num_classes}) and are not the ignore id 255")
         return self.lut[raw]
 
+    def read_pair(self, index):
+        """(RGB image, class-index label) of one image as PIL images, before any transform (the
+        transforms make new images: a kept pair is never changed)."""
+        path = self.image_paths[index]
+        if self.decoded is not None and path in self.decoded:
+            return self.decoded[path]
+        image, label = read_image(path), self.read_label(index)
+        if label.shape != (image.height, image.width):
+            raise ValueError(f"image {path} is {image.width}x{image.height} but label "
+                             f"{self.label_paths[index]} is {label.shape[1]}x{label.shape[0]}")
+        pair = image, Image.fromarray(label)
+        if self.decoded is not None:
+            self.decoded[path] = pair
+        return pair
+
     def __getitem__(self, item):
         index, centroid = item if isinstance(item, tuple) else (item, None)
-        image = read_image(self.image_paths[index])
-        label = self.read_label(index)
-        if label.shape != (image.height, image.width):
-            raise ValueError(f"image {self.image_paths[index]} is {image.width}x{image.height} but "
-                             f"label {self.label_paths[index]} is {label.shape[1]}x{label.shape[0]}")
-        image, label, _ = self.transforms(image, Image.fromarray(label), centroid)
+        image, label, _ = self.transforms(*self.read_pair(index), centroid)
         return image, label
 
 
@@ -701,7 +715,7 @@ DATASETS = {
 
 
 def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0.5, 2.0),
-                  label_root=None, classes_from=None, jitter=0.2):
+                  label_root=None, classes_from=None, jitter=0.2, keep_decoded=False):
     """A SegmentationFolder for one split of a named layout (see docs/DATASETS.md).
 
     name: synthetic, voc, cityscapes, pascal_context, camvid, ade20k, or folder (any image tree;
@@ -709,6 +723,7 @@ def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0
     label_root/<relative path without suffix>.png (e.g. pseudo labels) and classes_from names the
     dataset whose classes those labels use; without label_root all labels are 255.
     train=True: random scale in scale_range, crop_size crop, flip, photometric jitter (0 disables).
+    keep_decoded: hold every decoded image and label in memory (SegmentationFolder).
     """
     transforms = build_transforms(train, crop_size, scale_range, jitter)
     if name == "folder":
@@ -717,11 +732,11 @@ def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0
                              f"dataset the labels belong to, one of {sorted(DATASETS)}")
         images, labels, lut = _folder_files(root, split, label_root)
         if classes_from is None:  # unlabeled: no classes needed, every label is 255
-            dataset = SegmentationFolder(images, labels, [], [], lut, transforms)
+            dataset = SegmentationFolder(images, labels, [], [], lut, transforms, keep_decoded=keep_decoded)
         else:
             _, class_names, palette = DATASETS[classes_from]
             dataset = SegmentationFolder(images, labels, class_names, palette, lut, transforms,
-                                         THING_CLASSES[classes_from])
+                                         THING_CLASSES[classes_from], keep_decoded)
         # the folder images are named from (eval.output_names), as label_root pairs them
         dataset.image_root = os.path.join(root, split) if split else root
         return dataset
@@ -734,7 +749,7 @@ def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS) + ['folder']}")
     _, class_names, palette = DATASETS[name]
     return SegmentationFolder(images, labels, class_names, palette, lut, transforms,
-                              THING_CLASSES[name])
+                              THING_CLASSES[name], keep_decoded)
 
 
 def keep_listed(dataset, list_path):

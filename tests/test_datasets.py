@@ -433,6 +433,24 @@ def test_check_files_passes_good_files_without_decoding(synthetic_root, monkeypa
     datasets.check_files(dataset)
 
 
+def test_keep_decoded_decodes_each_file_once_and_changes_no_sample(synthetic_root, monkeypatch):
+    def items(dataset, seeds):
+        out = []
+        for index, seed in zip(range(len(dataset)), seeds):
+            torch.manual_seed(seed)   # train.Seeded's per-sample seed
+            out.append(dataset[index])
+        return out
+    common = dict(train=True, crop_size=48, scale_range=(0.5, 2.0))
+    plain = datasets.build_dataset("synthetic", synthetic_root, "train", **common)
+    kept = datasets.build_dataset("synthetic", synthetic_root, "train", keep_decoded=True, **common)
+    items(kept, range(100, 140))                 # the first epoch decodes and keeps
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded again"))
+    again = items(kept, range(40))               # later epochs: other crops of the kept images
+    monkeypatch.undo()
+    for (image, label), (kept_image, kept_label) in zip(items(plain, range(40)), again):
+        assert torch.equal(image, kept_image) and torch.equal(label, kept_label)
+
+
 # ----------------------------------------------------------------------------------------------
 # label files
 
