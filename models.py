@@ -731,11 +731,14 @@ def read_weights(source, what="checkpoint"):
         # retry with an unsafe load (code execution) is left out on purpose
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
         if unsafe:  # e.g. mmsegmentation 1.x training files: `message_hub` pickles mmengine objects
+            module, name = unsafe.group(1).rsplit(".", 1)
             raise ValueError(
                 f"{what} {source} holds Python objects ({unsafe.group(1)}) that a safe load (weights_only=True) "
-                f"refuses; if it is an mmsegmentation file with `message_hub`, keep only its weights (with "
-                f"mmengine installed, and only for a file you trust): python -c \"import torch; c = torch.load("
-                f"'IN.pth', weights_only=False); torch.save({{'state_dict': c['state_dict']}}, 'OUT.pth')\"") from None
+                f"refuses; if it is an mmsegmentation file with `message_hub`, keep only its weights, allowing "
+                f"the class the load names (with mmengine installed; repeat for each class it names next): "
+                f"python -c \"import torch; from {module} import {name}; torch.serialization.add_safe_globals("
+                f"[{name}]); c = torch.load('IN.pth', weights_only=True); "
+                f"torch.save({{'state_dict': c['state_dict']}}, 'OUT.pth')\"") from None
         raise ValueError(f"{what} {source} cannot be loaded ({type(error).__name__}: {first_line})") from None
 
 

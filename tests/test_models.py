@@ -6,6 +6,8 @@ Full-size backbones are only built (their parameter names and shapes are checked
 torchvision's); forwards run on the CPU-demo variants and on one small full-size model.
 """
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -390,6 +392,12 @@ def test_mmseg_file_with_message_hub_is_refused_with_the_fix(tmp_path):
     message = str(error.value)
     assert "\n" not in message and "MessageHub" in message and "weights_only=True" in message
     assert "torch.save({'state_dict': c['state_dict']}" in message
+    assert "weights_only=False" not in message   # the fix is itself a safe load
+    # the printed command, run as printed, writes a file that a safe load accepts
+    command = message.rsplit('python -c "', 1)[1][:-1]
+    command = command.replace("IN.pth", str(tmp_path / "mmseg1x.pth")).replace("OUT.pth", str(tmp_path / "w.pth"))
+    subprocess.run([sys.executable, "-c", command], cwd=os.path.dirname(__file__), check=True)
+    assert set(torch.load(tmp_path / "w.pth", weights_only=True)) == {"state_dict"}
 
 
 # Independent references: each published head written out with F.conv2d in its source's own
