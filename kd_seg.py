@@ -5,7 +5,7 @@
     python kd_seg.py --quick             # a 60-second smoke run of the same pipeline
     python kd_seg.py --rows baseline,xie_lp_lc --seeds 0 1 2 3 4
     python kd_seg.py --list              # the rows and the paper recipes
-    python kd_seg.py --recipe camvid --data-root ../shared/data/CamVid
+    python kd_seg.py --recipe camvid --data-root data/camvid
                                          # every paper on real images (CamVid), CPU, < 1 hour
     python kd_seg.py --recipe skd2019 --data-root /data/cityscapes
                                          # a paper's ablation table on real data, one GPU
@@ -186,7 +186,7 @@ RECIPES = {
     },
 }
 # CamVid (the 480x360 SegNet layout) with SKD's published CamVid students as teachers, found beside
-# the data root as ../shared/data lays them out (../shared/data/README.md) or given by --teacher-checkpoint /
+# the data root (data/camvid beside data/skd_camvid/ESP, data/skd_camvid/esp-c) or given by --teacher-checkpoint /
 # --wide-teacher-checkpoint. Their own test mIoU at 360x480: ESPNet 65.13, ESPNet-C 64.13.
 SKD_CAMVID_FILES = {"teacher": "skd_camvid/ESP/SD+KD+CITY_65.1.pth",
                     "wide_teacher": "skd_camvid/esp-c/KD+CITY+SD_64.1.pth"}
@@ -866,7 +866,7 @@ def run(args):
                 raise FileNotFoundError(
                     f"{getattr(args, option)}: the {role.replace('_', ' ')} of recipe {name} not found; it is SKD's "
                     f"published {Path(relative).name} ({SKD_CAMVID_SOURCE}), expected beside --data-root "
-                    f"as in ../shared/data, or give --{option.replace('_', '-')} FILE")
+                    f"(data/skd_camvid for data/camvid), or give --{option.replace('_', '-')} FILE")
     if args.dry_run:
         jobs, _, _, pre_steps = plan(setting, args, out, data_root, check=False)
         if demo:
