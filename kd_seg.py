@@ -914,9 +914,9 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
                              cost_threads=os.cpu_count() if cpu_scale else None)
     seeds = setting["seeds"]
     table = format_results(table_rows, bool(setting["reported"]))
-    print(table)
-    if args.quick or args.smoke:
-        print("a smoke run (--quick / --smoke): its numbers test the pipeline, not the methods")
+    smoke_note = (["A smoke run (--quick / --smoke): its numbers test the pipeline, not the methods."]
+                  if args.quick or args.smoke else [])
+    print("\n".join([table, *smoke_note]))
 
     split = flag_values(setting["eval"], "--split")[0]
     eval_set = datasets.build_dataset(dataset, str(data_root), split)
@@ -933,8 +933,7 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
               f"Setting: {setting['paper']}; dataset {dataset}; teacher {setting['teacher']} "
               f"{setting['teacher_iters']} iterations; student {setting['student']} {setting['iters']} "
               f"iterations; seeds {seeds}; {split} split, last checkpoint.", "",
-              *(["**A smoke run (--quick / --smoke): its numbers test the pipeline, not the methods.**", ""]
-                if args.quick or args.smoke else []), table, "",
+              *[f"**{note}**\n" for note in smoke_note], table, "",
               "Gain: mean paired difference to the baseline over the same seeds, with its 95% "
               "confidence interval (paired t test); 'better' or 'worse' when the interval excludes 0, "
               "'inconclusive' otherwise; detectable: the interval's half-width, the smallest gain it "
@@ -1132,12 +1131,19 @@ def camvid_step_benchmark(copy):
     args = train.get_args_parser().parse_args(flags)
     torch.manual_seed(0)
     student = models.build_model(args.model, 11).train().to(memory_format=torch.channels_last)
-    data = datasets.build_dataset("camvid", copy, "train", train=True, crop_size=tuple(args.crop_size),
-                                  scale_range=tuple(args.scale_range))
-    start = time.perf_counter()
-    batch = [train.Seeded(data)[(i, i)] for i in range(args.batch_size)]   # as train.py draws a sample
-    load = time.perf_counter() - start
-    images, labels = (torch.stack(t) for t in zip(*batch))
+
+    def draw_all(data):   # ms per sample to draw every train image once, as train.py draws a sample
+        start = time.perf_counter()
+        batch = [train.Seeded(data)[(i, i)] for i in range(len(data))]
+        return 1000 * (time.perf_counter() - start) / len(data), batch
+
+    common = dict(train=True, crop_size=tuple(args.crop_size), scale_range=tuple(args.scale_range))
+    cold, _ = draw_all(datasets.build_dataset("camvid", copy, "train", **common))
+    from_files, _ = draw_all(datasets.build_dataset("camvid", copy, "train", **common))   # files in the OS cache
+    kept = datasets.build_dataset("camvid", copy, "train", keep_decoded=True, **common)
+    draw_all(kept)   # the first epoch decodes and keeps
+    from_memory, batch = draw_all(kept)
+    images, labels = (torch.stack(t) for t in zip(*batch[:args.batch_size]))
     images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, weight_decay=args.weight_decay)
 
@@ -1146,9 +1152,10 @@ def camvid_step_benchmark(copy):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"one batch of {args.batch_size} CamVid crops ({args.crop_size[0]}x{args.crop_size[1]} of the "
-          f"{setting['downscale'][0]}x{setting['downscale'][1]} copy): {1000 * load:.1f} ms to read, decode and "
-          f"augment", flush=True)
+    print(f"one training sample ({args.crop_size[0]}x{args.crop_size[1]} crop of the {setting['downscale'][0]}x"
+          f"{setting['downscale'][1]} copy: read, decode, scale, crop, flip, jitter; mean over its {len(kept)} train "
+          f"images): {cold:.2f} ms first read, {from_files:.2f} ms from the files, {from_memory:.2f} ms from memory "
+          f"(--keep-decoded)", flush=True)
     for workers in (0, 1):   # the first 60 steps (1.3 epochs: every image decoded and kept) left out
         train_loop_ratio([*flags, "--workers", str(workers)], fixed_step,
                          f"{setting['student']}, camvid flags, --workers {workers}; target <= 1.2",
