@@ -1044,7 +1044,7 @@ def demo_step_benchmark(data_root):
 
         def step():
             output = student(images)
-            terms = {"ce": train.task_loss(output, labels, task)}
+            terms = {"ce": train.task_loss(output, labels, task, train.scored_corners(student))}
             if distiller is not None:
                 teacher_outputs = distiller.teacher_outputs(images)
                 terms.update(distiller.terms(student, output, images, labels, step=0, teacher_outputs=teacher_outputs))
@@ -1148,7 +1148,7 @@ def camvid_step_benchmark(copy):
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, weight_decay=args.weight_decay)
 
     def fixed_step():
-        loss = train.task_loss(student(images), labels, args)
+        loss = train.task_loss(student(images), labels, args, train.scored_corners(student))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -520,7 +520,8 @@ def mgd_upsample(logits, size):
     MGD's official networks upsample their logits inside forward, so its pixel-level CE,
     image-level pooling, CutMix of the teachers' logits and OHEM all run at input resolution.
     kd-seg's MGD terms do the same; its task loss (OHEM included) upsamples to the label as
-    eval.py does, with align_corners=False, so that training and test see the same geometry.
+    eval.py does, with the model's own align_corners (train.scored_corners), so that training
+    and test see the same geometry. For the ESPNets (True) the two conventions coincide.
     """
     return F.interpolate(_upcast(logits), size=tuple(size), mode="bilinear", align_corners=True)
 

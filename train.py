@@ -320,7 +320,7 @@ def train_step(step, model, distiller, state, batches, unlabeled_batches, autoca
             check_teacher_outputs(distiller, args, images, autocast)
         with autocast:
             output = model(images)
-        terms = {"ce": task_loss(output, labels, args)}
+        terms = {"ce": task_loss(output, labels, args, scored_corners(model))}
         if distiller is not None:
             unlabeled, mix_mask = next_unlabeled(unlabeled_batches, distiller, device, args.channels_last)
             with autocast:  # the teachers see every batch of the step in one forward each
@@ -365,11 +365,13 @@ def next_unlabeled(unlabeled_batches, distiller, device, channels_last):
     return unlabeled, mix_mask
 
 
-def task_loss(output, labels, args):
-    """CE (or OHEM CE) with ignore 255 on logits upsampled to the label, plus the aux head's."""
+def task_loss(output, labels, args, align_corners=False):
+    """CE (or OHEM CE) with ignore 255 on logits upsampled to the label, plus the aux head's.
+    `align_corners`: the model's own upsampling convention (`scored_corners`), so that a student
+    trains on the geometry eval.py scores it in (ESPNet: True, as SKD's eval_esp.py)."""
     def ce(logits):
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
-                               align_corners=False)
+                               align_corners=align_corners)
         if args.ohem > 0:
             return losses.ohem_ce(logits, labels, thresh=args.ohem)
         return F.cross_entropy(logits, labels, ignore_index=255)
@@ -377,6 +379,11 @@ def task_loss(output, labels, args):
     if "aux" in output:
         loss = loss + args.aux_weight * ce(output["aux"])
     return loss
+
+
+def scored_corners(model):
+    """The align_corners with which eval.logits_full upsamples `model`'s logits (DDP unwrapped)."""
+    return getattr(getattr(model, "module", model), "align_corners", False)
 
 
 def discriminator_step(distiller, d_optimizer, d_scheduler, images, student_logits, teacher_logits, sums):

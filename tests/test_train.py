@@ -516,3 +516,23 @@ def test_adam_optimizer_trains_and_resumes(data_root, tmp_path):
     a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (straight, resumed))
     assert "exp_avg" in a["optimizer"]["state"][0] and a["args"]["optimizer"] == "adam"
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_task_loss_upsamples_as_the_model_is_scored():
+    """Train as scored: an ESPNet (scored with align_corners=True, as SKD's eval_esp.py) trains
+    on logits upsampled with True, a DeepLab (scored with False) with False; eval.logits_full
+    reads the same attribute."""
+    import models
+    import torch.nn.functional as F
+    args = train.get_args_parser().parse_args(["--device", "cpu"])
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 11, 12, 16), torch.randint(0, 11, (2, 96, 128))
+
+    def ce(corners):
+        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=corners)
+        return F.cross_entropy(up, labels, ignore_index=255)
+    for name, corners in (("espnet_c_p1q2", True), ("deeplabv3plus_resnet18_micro", False)):
+        model = models.build_model(name, 11)
+        assert train.scored_corners(model) is corners
+        loss = train.task_loss({"out": logits}, labels, args, train.scored_corners(model))
+        assert torch.allclose(loss, ce(corners)) and not torch.allclose(loss, ce(not corners))
