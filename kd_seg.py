@@ -77,6 +77,11 @@ ROWS = {
                       ["--kd", "mgd_pixel=1,mgd_image=0.001,mgd_region=100", "--wide-teacher-checkpoint", "{wide}",
                        "--unlabeled-root", "{unlabeled}"]),
     "cwd":           ("Shu 2021 CWD", "+channel-wise KD", ["--kd", "cwd=3"]),
+    # the audits' reference rows (Niemann et al. 2023, Ali et al. 2026), beyond the papers as CWD:
+    # Hinton's logit KD is kd-seg's pixel term at its temperature (1); FitNet is FGFI's loss
+    # without its mask, through a 1x1 regressor, at FGFI's weight
+    "hinton":        ("reference: Hinton 2015", "+logit KD", ["--kd", "pixel=1"]),
+    "fitnet":        ("reference: FitNet 2015", "+feature KD (1x1 regressor, no mask)", ["--kd", "fitnet=0.01"]),
 }
 
 # ----------------------------------------------------------------------------- the settings
@@ -208,7 +213,7 @@ RECIPES["camvid"] = {
     "teacher": "espnet", "wide_teacher": "espnet_c", "student": "espnet_c_p1q2", "teacher_files": SKD_CAMVID_FILES,
     "downscale": [180, 240], "partition": 8, "partition_rows": ["xie_unlabeled", "zhu", "mgd"],
     "rows": ["baseline", "xie_lp", "xie_lp_lc", "skd_pi", "skd_pi_pa", "skd_pi_pa_ho", "fgfi", "cwd",
-             "partition_baseline", "xie_unlabeled", "zhu", "mgd"],
+             "hinton", "fitnet", "partition_baseline", "xie_unlabeled", "zhu", "mgd"],
     "flags": CAMVID_FLAGS, "iters": 600, "teacher_iters": 0, "seeds": [0, 1, 2, 3, 4], "imagenet": False,
     "eval": ["--split", "test", "--batch-size", "8", "--device", "cpu"], "fps_size": (180, 240),
     "overrides": CPU_OVERRIDES,   # as the demo's (pixel weight 1 kept on val: docs/CAMVID.md)

@@ -31,6 +31,7 @@ Index (term -> function):
   MGD pixel-level, Xie/Zhu pseudo labels      pseudo_label_ce
   supervised OHEM cross-entropy (MGD/CPS)     ohem_ce
   CWD (logits; features: Distiller cwd_feat)  cwd
+  FitNet feature KD (a reference, no paper's) fitnet_loss
 
 Usage (the teacher is frozen and in eval mode):
   with torch.no_grad():
@@ -612,11 +613,20 @@ def cwd(student_logits, teacher_logits, tau=4.0):
     return tau ** 2 * kl / (n * c)
 
 
+def fitnet_loss(adapted_student_feat, teacher_feat):
+    """FitNet-style feature KD (Romero et al. 2015; the audits' reference row, beyond the five
+    papers): FGFI's L_im with the mask everywhere, (1/(2 N h w)) sum (r(s) - t)^2, where r is a
+    1x1 conv regressor to the teacher's channels (`Distiller.fitnet_adapter`). kd-seg's choice of
+    normalisation (FGFI's, so that the two rows differ only in the mask); weight applied outside."""
+    everywhere = torch.ones_like(adapted_student_feat[:, 0])
+    return imitation_loss(adapted_student_feat, teacher_feat, everywhere)
+
+
 # ============================================================================= the distiller
 # Term names accepted in a weights dict (train.py --kd name=weight,...). "unlabeled" is Xie et
 # al.'s lambda: the weight of the whole unlabeled-batch loss [CE(argmax T) + a L_p + b L_c].
 TERMS = ("pixel", "consistency", "pairwise", "holistic", "imitation", "cwd", "cwd_feat",
-         "unlabeled", "mgd_pixel", "mgd_image", "mgd_region")
+         "unlabeled", "mgd_pixel", "mgd_image", "mgd_region", "fitnet")
 
 
 class Distiller(nn.Module):
@@ -640,7 +650,8 @@ class Distiller(nn.Module):
     `mgd_unlabeled_terms`). The weights (`weights`, train.py --kd; `weight` says which applies):
 
         labeled batch    ce + sum_k lambda_k r_k             pixel, consistency, cwd, cwd_feat,
-                                                             pairwise, holistic, imitation, mgd_pixel
+                                                             pairwise, holistic, imitation, mgd_pixel,
+                                                             fitnet
         Xie, unlabeled   lambda * [CE(argmax T) + a L_p + b L_c]      u_ce, u_pixel, u_consistency
                          (lambda: "unlabeled"; a, b: "pixel", "consistency")
         MGD, unlabeled   mgd_pixel * CE(argmax T_D, T_W) + lambda_1 L_image + lambda_2 L_region
@@ -675,6 +686,9 @@ class Distiller(nn.Module):
             # student) to the teacher's channels, only when the channel counts differ
             self.cwd_align = (nn.Conv2d(student_channels, teacher.feat_channels, 1, bias=False)
                               if student_channels != teacher.feat_channels else nn.Identity())
+        self.fitnet_adapter = None
+        if "fitnet" in self.weights:   # FitNet's regressor, as the audits run it: a 1x1 conv
+            self.fitnet_adapter = nn.Conv2d(student_channels, teacher.feat_channels, 1)
         self.discriminator = None
         if "holistic" in self.weights:
             self.discriminator = Discriminator(num_classes, conditional=conditional_discriminator,
@@ -685,8 +699,8 @@ class Distiller(nn.Module):
 
     def student_side_parameters(self):
         """Parameters trained with the student (FGFI's adaptation layer, CWD's feature
-        alignment); D has its own optimiser."""
-        return [p for layer in (self.adaptation, self.cwd_align) if layer is not None
+        alignment, FitNet's regressor); D has its own optimiser."""
+        return [p for layer in (self.adaptation, self.cwd_align, self.fitnet_adapter) if layer is not None
                 for p in layer.parameters()]
 
     # ------------------------------------------------------------------ the teachers' forward
@@ -774,6 +788,9 @@ class Distiller(nn.Module):
         # FGFI (Wang et al.)
         if "imitation" in w:
             terms["imitation"] = self.imitation(images, labels, s_feat, t_out["feat"], step)
+        # FitNet (the audits' feature-KD reference): FGFI's loss without its mask
+        if "fitnet" in w:
+            terms["fitnet"] = fitnet_loss(self.fitnet_adapter(s_feat), resize_like(t_out["feat"], s_feat))
         # MGD (Qin et al.): pixel level on the labeled batch, CE to each teacher's argmax
         if "mgd_pixel" in w:
             size = images.shape[-2:]

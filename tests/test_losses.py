@@ -769,3 +769,57 @@ def test_fgfi_adaptation_ends_in_relu_only_for_teachers_whose_feature_is_post_re
         with torch.no_grad():
             features = teacher.eval()(torch.randn(2, 3, 64, 64))["feat"]
         assert (features.min() >= 0) == relu, name
+
+
+def test_fitnet_loss_closed_form_and_distiller_regressor():
+    """FitNet (the audits' reference): FGFI's normalisation with the mask everywhere: zeros
+    against ones over N=1, C=2, 2x2 is 8 / (2 * 4) = 1. The Distiller trains a 1x1 regressor
+    with the student, the teacher's channels wide."""
+    assert losses.fitnet_loss(torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)).item() == pytest.approx(1.0)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    everywhere = torch.ones(2, 4, 4)
+    assert torch.allclose(losses.fitnet_loss(t, t + s[:, :1]), losses.imitation_loss(t, t + s[:, :1], everywhere))
+    teacher = models.build_model("deeplabv3plus_resnet18_micro", 4).eval()
+    distiller = losses.Distiller(teacher, {"fitnet": 0.01}, student_channels=3, num_classes=4)
+    regressor = distiller.fitnet_adapter
+    assert regressor.kernel_size == (1, 1) and regressor.out_channels == teacher.feat_channels
+    assert {id(p) for p in regressor.parameters()} <= {id(p) for p in distiller.student_side_parameters()}
+
+
+def equation_map_cell(names):
+    """The README equation map's "lines" cell for `names` (module.function, module.Class or
+    module.Class.method): each definition's first-last line, grouped by file."""
+    import importlib
+    import inspect
+    cells = []
+    for name in names:
+        module_name, *path = name.split(".")
+        obj = importlib.import_module(module_name)
+        for part in path:
+            obj = getattr(obj, part)
+        lines, first = inspect.getsourcelines(obj)
+        span = f"{first}-{first + len(lines) - 1}"
+        file_name = f"{module_name}.py"
+        if cells and cells[-1][0] == file_name:
+            cells[-1][1].append(span)
+        else:
+            cells.append((file_name, [span]))
+    return "; ".join(f"{file_name} {', '.join(spans)}" for file_name, spans in cells)
+
+
+def test_readme_equation_map_names_its_lines():
+    """Every row of the README's equation map: the lines cell is what the named definitions span
+    now (an edit anywhere in losses.py shifts them; this test prints the row to paste)."""
+    import re
+    readme = open(os.path.join(os.path.dirname(losses.__file__), "README.md")).read()
+    start = readme.index("## Each paper equation in the code")
+    rows = [r for r in readme[start:readme.index("\n## ", start)].splitlines() if r.startswith("| ") and "`" in r]
+    stale = []
+    for row in rows:
+        equation, code, lines = (cell.strip() for cell in row.strip().strip("|").split(" | "))
+        names = re.findall(r"`((?:losses|datasets|eval|train|models)\.[\w.]+)`", code)
+        expected = equation_map_cell(names)
+        if lines != expected:
+            stale.append(f"| {equation} | {code} | {expected} |")
+    assert len(rows) >= 15
+    assert not stale, "stale rows of the README's equation map; paste these:\n" + "\n".join(stale)
