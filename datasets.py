@@ -71,6 +71,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import tempfile
 import zlib
 
@@ -990,10 +991,11 @@ def make_camvid_small(source_root, root, size=(180, 240), count=None):
     source), each image resized to `size` (height, width) bilinearly (PIL: antialiased when
     shrinking) and each label with NEAREST, its raw ids kept (11 stays void). kd_seg.py's CPU-scale
     CamVid setting trains and evaluates on it: a quarter of the pixels to decode, push through the
-    networks and score. `count`: only the first images of each split (smoke runs). root/DONE
+    networks and score. `count`: only that many images of each split, evenly spaced over it so that
+    every drive is in (smoke runs; the tuning's held-out drive). root/DONE
     (source, size, count) is written last, as for make_synthetic.
     """
-    settings = {"version": 1, "source": os.path.abspath(source_root), "size": list(size), "count": count}
+    settings = {"version": 2, "source": os.path.abspath(source_root), "size": list(size), "count": count}
     done_path = os.path.join(root, "DONE")
     try:
         with open(done_path) as file:
@@ -1008,7 +1010,9 @@ def make_camvid_small(source_root, root, size=(180, 240), count=None):
     height, width = size
     for split in splits:
         images, labels, _ = _camvid_files(source_root, split)
-        images, labels = images[:count], labels[:count]
+        if count is not None and count < len(images):   # evenly spaced: every drive of the split
+            picks = [round(i * (len(images) - 1) / max(1, count - 1)) for i in range(count)]
+            images, labels = [images[i] for i in picks], [labels[i] for i in picks]
         for folder in (split, split + "annot"):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         for image_path, label_path in zip(images, labels):
@@ -1018,6 +1022,29 @@ def make_camvid_small(source_root, root, size=(180, 240), count=None):
             raw.resize((width, height), Image.NEAREST).save(os.path.join(root, split + "annot", name))
     write_atomic(done_path, json.dumps(settings, indent=2) + "\n")
     return root
+
+
+def hold_out_sequence(root, sequence):
+    """In a CamVid tree at `root` (e.g. make_camvid_small's copy): the split `train_without_<sequence>`
+    (every train image whose name does not start with `sequence`) and the split `heldout_<sequence>`
+    (those that do), as hard links beside the others; returns the two split names. kd_seg.py tunes
+    on a held-out drive: like the test split's Seq05VD, one the training never sees (docs/CAMVID.md)."""
+    images, labels, _ = _camvid_files(root, "train")
+    held = [i for i, path in enumerate(images) if os.path.basename(path).startswith(sequence)]
+    if not held:
+        raise ValueError(f"no train image of {root} starts with {sequence!r} (CamVid's: 0001TP, 0006R0, 0016E5)")
+    splits = (f"train_without_{sequence}", f"heldout_{sequence}")
+    if os.path.isfile(os.path.join(root, splits[1], "DONE")):
+        return splits
+    for split, keep in zip(splits, (lambda i: i not in held, lambda i: i in held)):
+        for folder in (split, split + "annot"):
+            shutil.rmtree(os.path.join(root, folder), ignore_errors=True)   # a half-made one
+            os.makedirs(os.path.join(root, folder))
+        for i in filter(keep, range(len(images))):
+            for path, folder in ((images[i], split), (labels[i], split + "annot")):
+                os.link(path, os.path.join(root, folder, os.path.basename(path)))
+    write_atomic(os.path.join(root, splits[1], "DONE"), sequence + "\n")   # last: both complete
+    return splits
 
 
 # ----------------------------------------------------------------------------------------------

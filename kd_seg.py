@@ -217,6 +217,14 @@ RECIPES["camvid"] = {
     "flags": CAMVID_FLAGS, "iters": 600, "teacher_iters": 0, "seeds": [0, 1, 2, 3, 4], "imagenet": False,
     "eval": ["--split", "test", "--batch-size", "8", "--device", "cpu"], "fps_size": (180, 240),
     "overrides": CPU_OVERRIDES,   # as the demo's (pixel weight 1 kept on val: docs/CAMVID.md)
+    # `--tune`: one budget for every arm (docs/CAMVID.md, "the fair table"): the baseline's learning
+    # rate and each row's loss weights (one multiplier over all of them) on 4 values x 2 seeds
+    # disjoint from the table's, trained without the drive 0006R0 and scored on it (like the test
+    # split's Seq05VD, a drive the training never sees); the labeled fraction of the partition rows:
+    # the largest at which the partition baseline is data-limited (DATA_LIMITED points below the
+    # baseline trained on every label, at the same steps)
+    "tune": {"sequence": "0006R0", "seeds": [100, 101], "lr": [2.5e-3, 5e-3, 1e-2, 2e-2],
+             "multipliers": [0.1, 0.3, 1, 3], "partitions": [8, 16, 32]},
     # SKD's own CamVid students (ESPNet-C, p = 2, q = 8, 300 epochs at 360x480 from a PSPNet-R101
     # teacher): another student and schedule, shown for the direction of each gain, not its size
     "reported": {"teacher": 65.1, "baseline": 56.7, "skd_pi": 58.7, "skd_pi_pa_ho": 60.3},
@@ -304,6 +312,11 @@ def get_args_parser():
                                             "leftImg8bit/train_extra)")
     p.add_argument("--partition", type=int, metavar="K",
                    help="label partition 1/K of the train split, the rest unlabeled (MGD: 16)")
+    p.add_argument("--tune", action="store_true",
+                   help="tune the setting (camvid) with one budget for every arm: the baseline's lr, each row's "
+                        "loss weights, the partition's labeled fraction, on a held-out drive; writes <out>/tuned.json")
+    p.add_argument("--tuned", metavar="FILE", help="run the setting with the values a --tune run chose (its "
+                   "tuned.json; the camvid one kd-seg measured: docs/camvid_tuned.json), with compute-matched baselines")
     p.add_argument("--list", action="store_true", help="print the rows and recipes and exit")
     p.add_argument("--benchmark", action="store_true",
                    help="print the speed ratios of docs/BENCHMARKS.md (FPS of Xie's pair, cost of the terms, train.py's "
@@ -325,7 +338,14 @@ def choose_setting(args):
         raise ValueError("--smoke and --dataset go with --recipe (the demo's data is synthetic)")
     if args.recipe is not None and args.quick:
         raise ValueError("--quick is the demo's smoke run; a recipe's is --smoke")
+    if (args.tune or args.tuned) and "tune" not in RECIPES.get(args.recipe or "", {}):
+        raise ValueError(f"--tune and --tuned go with a setting that declares its tuning: --recipe "
+                         f"{', '.join(n for n, r in RECIPES.items() if 'tune' in r)}")
+    if args.tune and args.tuned:
+        raise ValueError("--tune writes the values that --tuned reads: give one of them")
     setting = json.loads(json.dumps(RECIPES[args.recipe] if args.recipe else DEMO))  # a deep copy
+    if args.tuned:
+        apply_tuned(setting, args.tuned)
     if args.dataset:
         setting["dataset"] = args.dataset
     for_dataset = setting.get("by_dataset", {}).get(setting["dataset"], {})   # a paper's other dataset
@@ -363,6 +383,32 @@ def choose_setting(args):
     if any("{wide}" in ROWS[r][2] for r in setting["rows"]) and "wide_teacher" not in setting:
         raise ValueError(f"row mgd needs a wide teacher, which recipe {setting['name']} does not have")
     return setting
+
+
+def apply_tuned(setting, path):
+    """The setting with the values of a --tune run (its tuned.json at `path`): the learning rate,
+    every tuned row's train.py flags, the partition's labeled fraction and each row's recorded cost
+    (the compute-matched baselines train for it)."""
+    try:
+        tuned = json.loads(Path(path).read_text())
+        lr, rows, partition, costs = tuned["lr"], tuned["rows"], tuned["partition"], tuned["costs"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--tuned {path}: not a tuned.json of kd_seg.py --tune ({type(error).__name__}: "
+                         f"{error})") from None
+    if tuned.get("setting") != setting["name"]:
+        raise ValueError(f"--tuned {path}: tuned for setting {tuned.get('setting')!r}, not {setting['name']!r}")
+    setting["flags"] = set_flag(setting["flags"], "--lr", [str(lr)])
+    setting["overrides"].update(rows)
+    setting.update(partition=partition, costs=costs, tuned=str(path))
+
+
+def scaled_kd(flags, factor):
+    """A row's flags with every --kd weight times `factor`, but Xie's "unlabeled" lambda (a
+    relative weight inside the unlabeled loss): the one knob --tune turns per row."""
+    terms = [term.split("=") for term in flag_values(flags, "--kd")[0].split(",")]
+    weights = ",".join(f"{name}={float(w) * (1 if name == 'unlabeled' else factor):g}" for name, w in terms)
+    at = flags.index("--kd")
+    return [*flags[:at + 1], weights, *flags[at + 2:]]
 
 
 def flag_values(flags, flag):
@@ -424,6 +470,9 @@ def plan(setting, args, out, data_root, check=True):
         height, width = setting["downscale"]
         pre_steps.append((f"a {height}x{width} copy of {source_root}: {data_root}", datasets.make_camvid_small,
                           (str(source_root), str(data_root), (height, width), setting.get("downscale_count"))))
+    if setting.get("hold_out"):   # tuning: a drive of the train split held out (datasets.hold_out_sequence)
+        pre_steps.append((f"hold out drive {setting['hold_out']} of {data_root}'s train split",
+                          datasets.hold_out_sequence, (str(data_root), setting["hold_out"])))
     unlabeled, partition_flags = unlabeled_images(setting, args, out, data_root, source_root, check, pre_steps)
     if partition_flags and not setting.get("partition_rows"):   # every training on the partition, teachers too
         flags += partition_flags
@@ -435,19 +484,25 @@ def plan(setting, args, out, data_root, check=True):
             "{unlabeled}": unlabeled}
 
     def row_flags(row):
-        row_flags = setting["overrides"].get(row, ROWS[row][2])
+        row_flags = setting["overrides"].get(row, setting["overrides"].get(base_row(row), ROWS[base_row(row)][2]))
         if "{unlabeled}" in row_flags and unlabeled is None:
             raise ValueError(f"row {row} needs unlabeled images: give --unlabeled-root DIR (or leave "
                              "the row out with --rows)")
-        if row in partition_rows(setting):   # a semi-supervised row (or its baseline) on the partition
+        if base_row(row) in partition_rows(setting):   # a semi-supervised row (or its baseline) on the partition
             row_flags = row_flags + partition_flags
         return [value for flag in row_flags for value in fill.get(flag, [flag])]
 
     rows = {row: row_flags(row) for row in setting["rows"]}   # every row's inputs exist before anything runs
+    iters = {row: setting["iters"] for row in rows}
+    for row in setting["rows"] if setting.get("costs") else []:   # the compute-matched baselines
+        name = equal_cost_baseline(setting, row)
+        rows.setdefault(name, rows[own_baseline(setting, row)])
+        iters.setdefault(name, round(setting["iters"] * cost_ratio(setting, row)))
 
     def training(out_dir, model, iters, seed, extra=()):
         argv = ["--model", model, "--iters", str(iters), "--seed", str(seed), "--data-root", str(data_root),
                 "--out", str(out_dir), "--log-every", "50", *flags, *extra]
+        argv = [value.replace("{seed}", str(seed)) for value in argv]   # the seed's own partition
         if setting["imagenet"]:
             argv += ["--pretrained", imagenet_weights(model, args.weights_dir, check)]
         return argv
@@ -458,7 +513,7 @@ def plan(setting, args, out, data_root, check=True):
         return (f"{name} eval", "eval.py", argv, needs)
 
     teacher_jobs, teachers = plan_teachers(setting, args, out, fill, training, evaluation_job)
-    jobs, run_dirs = plan_students(setting, args, out, rows, teachers["teacher"], training, evaluation_job)
+    jobs, run_dirs = plan_students(setting, args, out, rows, iters, teachers["teacher"], training, evaluation_job)
     if check and dataset != "synthetic":   # the root is in the dataset's layout, a given teacher fits it
         classes = datasets.build_dataset(dataset, str(source_root), "train").num_classes
         for given in (args.teacher_checkpoint, args.wide_teacher_checkpoint):
@@ -473,18 +528,21 @@ def unlabeled_images(setting, args, out, data_root, source_root, check, pre_step
     folder; or None. Also the flags that restrict a training to the partition ([] without one)."""
     dataset = setting["dataset"]
     if setting.get("partition"):
-        k = setting["partition"]
+        k, split = setting["partition"], setting.get("train_split", "train")
         lists = out / "partition"
-        labeled_list, unlabeled_list = lists / f"labeled_1-{k}.txt", lists / f"unlabeled_1-{k}.txt"
+        # one partition per student seed ({seed}: filled in per run), so that the draw's variance is
+        # inside the seeds' spread; a teacher trained on the partition uses seed 0's
+        labeled_list, unlabeled_list = lists / f"labeled_1-{k}_seed{{seed}}.txt", lists / f"unlabeled_1-{k}_seed{{seed}}.txt"
         if data_root != source_root:   # the copy's layout: its train images in train/
-            image_folder = data_root / "train"
+            image_folder = data_root / split
         elif check:
-            train_set = datasets.build_dataset(dataset, str(data_root), "train")
+            train_set = datasets.build_dataset(dataset, str(data_root), split)
             image_folder = os.path.commonpath([os.path.dirname(p) for p in train_set.image_paths])
         else:
-            image_folder = f"<folder of the {dataset} train images>"
-        pre_steps.append((f"write a 1/{k} label partition of the train split (seed 0): {labeled_list}, "
-                          f"{unlabeled_list}", write_partition, (dataset, data_root, k, lists)))
+            image_folder = f"<folder of the {dataset} {split} images>"
+        seeds = sorted({0, *setting["seeds"]})
+        pre_steps.append((f"write a 1/{k} label partition of the {split} split per seed {seeds}: {labeled_list}, "
+                          f"{unlabeled_list}", write_partitions, (dataset, data_root, split, k, lists, seeds)))
         return [str(image_folder), "--unlabeled-subset", str(unlabeled_list)], ["--train-subset", str(labeled_list)]
     if dataset == "synthetic":
         return [str(data_root / "images" / "unlabeled")], []
@@ -506,7 +564,7 @@ def plan_teachers(setting, args, out, fill, training, evaluation_job):
     # a given teacher's folder is not ours: its evaluation is written here
     teachers["eval"] = out / "teacher_eval.json" if args.teacher_checkpoint else out / "teacher" / "eval.json"
     jobs.append(evaluation_job("teacher", teacher, teachers["eval"], [] if args.teacher_checkpoint else ["teacher"]))
-    if any("{wide}" in ROWS[r][2] for r in rows):   # MGD's second teacher, scored too
+    if any("{wide}" in ROWS[base_row(r)][2] for r in rows):   # MGD's second teacher, scored too
         if not args.wide_teacher_checkpoint:
             jobs.append(("wide teacher", "train.py", training(out / "wide_teacher", setting["wide_teacher"],
                                                                setting["teacher_iters"], 0), []))
@@ -515,7 +573,7 @@ def plan_teachers(setting, args, out, fill, training, evaluation_job):
                                  else out / "wide_teacher" / "eval.json")
         jobs.append(evaluation_job("wide teacher", teachers["wide_teacher"], teachers["wide_eval"],
                                    [] if args.wide_teacher_checkpoint else ["wide teacher"]))
-    if any("{pseudo}" in ROWS[r][2] for r in rows):
+    if any("{pseudo}" in ROWS[base_row(r)][2] for r in rows):
         argv = ["--checkpoint", str(teacher), "--dataset", "folder", "--data-root", fill["{unlabeled}"][0],
                 "--save-pred", str(out / "pseudo_labels"), "--threshold", "0.5", "--workers", "0",
                 "--json", str(out / "pseudo_labels.json")]
@@ -523,27 +581,27 @@ def plan_teachers(setting, args, out, fill, training, evaluation_job):
     return jobs, teachers
 
 
-def plan_students(setting, args, out, rows, teacher, training, evaluation_job):
-    """The student's training and evaluation per row ({row: its filled train.py flags}) and seed;
-    rows with identical flags share one run. Returns the jobs, slowest rows first, and
-    {(row, seed): run folder}."""
+def plan_students(setting, args, out, rows, iters, teacher, training, evaluation_job):
+    """The student's training and evaluation per row ({row: its filled train.py flags}, {row: its
+    iterations}) and seed; rows with identical flags and iterations share one run. Returns the jobs,
+    slowest rows first, and {(row, seed): run folder}."""
     jobs, run_dirs, first_with = [], {}, {}
     for row, extra in rows.items():
         needs = [] if args.teacher_checkpoint else ["teacher"] if "--kd" in extra else []
         if "--kd" in extra:   # online distillation; Zhu's rows use the offline pseudo labels
             extra = extra + ["--teacher-checkpoint", str(teacher)]
-        if "{wide}" in ROWS[row][2] and not args.wide_teacher_checkpoint:
+        if "{wide}" in ROWS[base_row(row)][2] and not args.wide_teacher_checkpoint:
             needs.append("wide teacher")
         if "--pseudo-labels" in extra:
             needs.append("pseudo labels")
-        key = tuple(extra)
+        key = (iters[row], *extra)
         for seed in setting["seeds"]:
             if key in first_with:   # the identical run already exists under an earlier row
                 run_dirs[row, seed] = run_dirs[first_with[key], seed]
                 continue
             run = out / row / f"seed{seed}"
             run_dirs[row, seed] = run
-            jobs.append((f"{row} seed {seed}", "train.py", training(run, setting["student"], setting["iters"], seed, extra), needs))
+            jobs.append((f"{row} seed {seed}", "train.py", training(run, setting["student"], iters[row], seed, extra), needs))
             jobs.append(evaluation_job(f"{row} seed {seed}", run / "checkpoint.pt", run / "eval.json",
                                        [f"{row} seed {seed}"]))
         first_with.setdefault(key, row)
@@ -551,7 +609,8 @@ def plan_students(setting, args, out, rows, teacher, training, evaluation_job):
     # waiting for one of them; the baselines, which need no teacher, fill the gaps
     slow = ["mgd", "xie_unlabeled", "skd_pi_pa_ho", "fgfi"]
     jobs.sort(key=lambda job: (job[0].startswith("baseline "),
-                               slow.index(job[0].split()[0]) if job[0].split()[0] in slow else len(slow)))
+                               slow.index(base_row(job[0].split()[0])) if base_row(job[0].split()[0]) in slow
+                               else len(slow)))
     return jobs, run_dirs
 
 
@@ -570,19 +629,23 @@ def partition_rows(setting):
     return set(setting.get("partition_rows", [])) | ({"partition_baseline"} if setting.get("partition_rows") else set())
 
 
-def write_partition(dataset, data_root, k, folder):
-    """A seeded 1/k label partition of the train split, as two image lists (datasets.keep_listed).
+def write_partitions(dataset, data_root, split, k, folder, seeds):
+    """Seeded 1/k label partitions of a split, one per seed, as two image lists each
+    (datasets.keep_listed): the first len/k images of a permutation drawn with that seed.
     The official MGD code uses CPS's fixed lists; those can be given to train.py instead."""
-    if (folder / f"labeled_1-{k}.txt").is_file():
-        return
-    train_set = datasets.build_dataset(dataset, str(data_root), "train")
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
-    count = max(1, len(order) // k)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, indices in ((f"unlabeled_1-{k}.txt", order[count:]), (f"labeled_1-{k}.txt", order[:count])):
-        lines = [os.path.relpath(train_set.image_paths[i], data_root) for i in sorted(indices)]
-        # the labeled list last: "done"
-        datasets.write_atomic(folder / name, "".join(line + "\n" for line in lines))
+    train_set = None
+    for seed in seeds:
+        if (folder / f"labeled_1-{k}_seed{seed}.txt").is_file():
+            continue
+        train_set = train_set or datasets.build_dataset(dataset, str(data_root), split)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+        count = max(1, len(order) // k)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, indices in ((f"unlabeled_1-{k}_seed{seed}.txt", order[count:]),
+                              (f"labeled_1-{k}_seed{seed}.txt", order[:count])):
+            lines = [os.path.relpath(train_set.image_paths[i], data_root) for i in sorted(indices)]
+            # the labeled list last: "done"
+            datasets.write_atomic(folder / name, "".join(line + "\n" for line in lines))
 
 
 def command_line(script, argv, env=None):
@@ -679,9 +742,13 @@ def run_all(jobs, workers, out, reproducible=False):
     """Run jobs in a process pool, each as soon as the jobs it needs have finished, printing
     progress with an ETA. Returns {name: result}; a failed job stops the run with its message."""
     results, running, todo = {}, {}, list(jobs)
-    # the ETA weighs each job by its iterations (an evaluation as 20), a job already done as 0
+    # the ETA: a training's expected cost is its iterations (a job already done: 0), an evaluation's
+    # one unit; each kind's seconds per unit come from its own finished jobs (not from the other kind:
+    # the teachers' evaluations run first and would make 600 iterations look like 600 evaluations)
     work = {name: 0 if job_done(script, argv) else int(flag_values(argv, "--iters")[0]) if script == "train.py"
-            else 20 for name, script, argv, _ in jobs}
+            else 1 for name, script, argv, _ in jobs}
+    script_of = {name: script for name, script, _, _ in jobs}
+    spent = {"train.py": [0.0, 0], "eval.py": [0.0, 0]}   # seconds and units of finished, run jobs
     start = time.perf_counter()
     with worker_pool(workers, reproducible) as pool:
         job_kernels = pool.submit(kernels).result()
@@ -690,25 +757,39 @@ def run_all(jobs, workers, out, reproducible=False):
                 todo.remove(job)
                 name, script, argv, _ = job
                 log = out / (name.replace(" ", "_").replace("/", "_") + ".log")
-                running[pool.submit(run_job, script, argv, log)] = (name, log)
+                running[pool.submit(run_job, script, argv, log)] = (name, log, time.perf_counter())
             if not running:
                 raise ValueError(f"jobs {[job[0] for job in todo]} need jobs that are not in the list")
             finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
             for future in finished:
-                name, log = running.pop(future)
+                name, log, began = running.pop(future)
                 try:
                     results[name] = future.result()
                 except Exception as error:
                     for other in running:
                         other.cancel()
                     raise ValueError(f"job '{name}' failed: {evaluation.one_line(error)} (log: {log})") from None
-                elapsed = time.perf_counter() - start
-                done_work = sum(work[n] for n in results)
-                eta = elapsed / done_work * (sum(work.values()) - done_work) if done_work else 0
-                print(f"{len(results)}/{len(jobs)} | {name} done | elapsed {evaluation.format_eta(elapsed)} "
-                      f"| eta {evaluation.format_eta(eta)}", flush=True)
+                if work[name]:
+                    spent[script_of[name]][0] += time.perf_counter() - began
+                    spent[script_of[name]][1] += work[name]
+                print(f"{len(results)}/{len(jobs)} | {name} done | elapsed "
+                      f"{evaluation.format_eta(time.perf_counter() - start)} | eta "
+                      f"{expected_rest(work, script_of, results, spent, workers)}", flush=True)
     results["kernels"] = job_kernels
     return results
+
+
+def expected_rest(work, script_of, results, spent, workers):
+    """The ETA of the jobs not yet finished: their units at their kind's measured seconds per unit,
+    shared by the workers; '?' until a job of each kind that is left has finished."""
+    rest = {}
+    for name, units in work.items():
+        if name not in results:
+            rest[script_of[name]] = rest.get(script_of[name], 0) + units
+    if any(units and not spent[script][1] for script, units in rest.items()):
+        return "?"
+    seconds = sum(units * spent[script][0] / spent[script][1] for script, units in rest.items() if units)
+    return evaluation.format_eta(seconds / workers)
 
 
 # ----------------------------------------------------------------------------- results
@@ -733,81 +814,176 @@ def gain_interval(gains):
     return mean, t * statistics.stdev(gains) / math.sqrt(len(gains))
 
 
-def verdict(gains):
-    """'better' / 'worse' when the 95% interval of the mean paired gain excludes 0, else
-    'inconclusive' (not 'no effect': a test that fails to reject shows no equivalence)."""
-    mean, half_width = gain_interval(gains)
-    if half_width is None:
+def t_test_p(gains):
+    """Two-sided p of the paired t test of `gains` (H0: mean 0; n - 1 degrees of freedom): one
+    minus twice the integral of Student's t density from 0 to |t| (Simpson's rule, 2,000 panels;
+    within 1e-9 of the exact value for the t and n of a kd-seg table). 1.0 with a single seed."""
+    n = len(gains)
+    if n < 2:
+        return 1.0
+    mean, sd = statistics.mean(gains), statistics.stdev(gains)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    t, df = abs(mean) / (sd / math.sqrt(n)), n - 1
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    panels, h = 2000, t / 2000
+    density = [scale * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(panels + 1)]
+    area = h / 3 * (density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2]))
+    return max(0.0, 1 - 2 * area)
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p values (same order): the k-th smallest times
+    (m - k + 1), kept monotone, capped at 1. A comparison is called at 95% family-wise when its
+    adjusted p is below 0.05: the chance of any false call in the whole table is then at most 5%."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(mean_gain, adjusted_p, n):
+    """'better' / 'worse' when the family-wise adjusted p is below 0.05, else 'inconclusive' (not
+    'no effect': a test that fails to reject shows no equivalence)."""
+    if n < 2:
         return "n/a (1 seed)"
-    if abs(mean) <= half_width or mean == 0:
+    if adjusted_p >= 0.05 or mean_gain == 0:
         return "inconclusive"
-    return "better" if mean > 0 else "worse"
+    return "better" if mean_gain > 0 else "worse"
 
 
 def format_results(rows, with_reported):
-    head = "| row | paper | adds | params (M) | GMACs | mIoU | gain [95% CI] | verdict | detectable | FPS | train (s) |"
-    rule = "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"
+    """The table: iteration-matched gains (and, where the setting has recorded costs, gains against
+    the student trained alone for the row's cost), each with its 95% interval, its own p and the
+    verdict from the family-wise (Holm) p; gap closed; costs as deployed; train seconds."""
+    equal_cost = any(r.get("eq") for r in rows)
+    head = ("| row | paper | adds | params (M) | GMACs | mIoU | gain [95% CI] | p (Holm) | verdict | gap closed "
+            "| detectable |")
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"
+    if equal_cost:
+        head += " cost (x) | time (x) | gain at equal cost [95% CI] | p (Holm) | verdict at equal cost |"
+        rule += "---:|---:|---:|---:|---|"
+    head, rule = head + " FPS | train (s) |", rule + "---:|---:|"
     if with_reported:
         head, rule = head + " paper's mIoU |", rule + "---:|"
+
+    def gain_cells(comparison):
+        if comparison is None:
+            return ["", "", ""]
+        gain, ci = comparison["gain"], comparison["ci"]
+        text = f"{gain:+.1f}" + (f" [{gain - ci:+.1f}, {gain + ci:+.1f}]" if ci is not None else "")
+        return [text, f"{comparison['p']:.3f} ({comparison['p_holm']:.3f})", comparison["verdict"]]
     lines = [head, rule]
     for r in rows:
         miou = f"{r['mean']:.1f} ± {r['std']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
-        gain, detectable = "", ""   # detectable: the smallest gain the interval would call better
-        if r["gain"] is not None:
-            gain = f"{r['gain']:+.1f}" + (f" [{r['gain'] - r['ci']:+.1f}, {r['gain'] + r['ci']:+.1f}]"
-                                          if r["ci"] is not None else "")
-            detectable = f"{r['ci']:.1f}" if r["ci"] is not None else ""
-        line = (f"| {r['name']} | {r['paper']} | {r['adds']} | {r['params_m']:.2f} | {r['gmacs']:.3f} | "
-                f"{miou} | {gain} | {r['verdict']} | {detectable} | {r['fps']:.1f} | {r['train_s']} |")
+        main = r.get("main")
+        cells = [r["name"], r["paper"], r["adds"], f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}", miou,
+                 *gain_cells(main), f"{main['gap']:.2f}" if main and main.get("gap") is not None else "",
+                 f"{main['ci']:.1f}" if main and main["ci"] is not None else ""]
+        if equal_cost:
+            cells += [f"{r['cost']:g}" if "cost" in r else "", r.get("time_ratio", ""), *gain_cells(r.get("eq"))]
+        cells += [f"{r['fps']:.1f}", str(r["train_s"])]
         if with_reported:
-            line += f" {r['reported']} |"
-        lines.append(line)
+            cells.append(str(r["reported"]))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def comparison(values, base, teacher=None):
+    """A row's seeds against its baseline's (same seeds): mean paired gain, its 95% half-width, p,
+    and the gap closed toward `teacher`'s mIoU, (S_row - S_base) / (S_teacher - S_base)."""
+    gains = [v - b for v, b in zip(values, base)]
+    gain, ci = gain_interval(gains)
+    gap = gain / (teacher - statistics.mean(base)) if teacher is not None and teacher != statistics.mean(base) else None
+    return {"gain": gain, "ci": ci, "p": t_test_p(gains), "n": len(gains), "gap": gap}
+
+
 def result_rows(setting, out, run_dirs, teachers, fps_size, quick, cost_threads):
-    """The table's rows: the evaluation split's mIoU of every run (mean, spread, the paired gain over
-    its baseline with its 95% interval and verdict), the teachers' and the student's costs as
-    deployed, train seconds and the paper's number where it has one."""
+    """The table's rows: the evaluation split's mIoU of every run (mean, spread), the paired gain over
+    its baseline and, with recorded costs, over the baseline trained for the row's cost, each with
+    its 95% interval, p and the verdict from Holm's adjustment over every comparison of the table;
+    the teachers' and the student's costs as deployed, train seconds, the paper's number."""
     def miou(json_path):
         return 100 * json.loads(Path(json_path).read_text())["metrics"]["miou"]
+
+    def scores(row):
+        return [miou(run_dirs[row, s] / "eval.json") for s in seeds]
 
     seeds, reported = setting["seeds"], setting["reported"]
     teacher_cost = cost_of(teachers["teacher"], fps_size, quick, cost_threads, out / "teacher_cost.json")
     student_cost = cost_of(run_dirs["baseline", seeds[0]] / "checkpoint.pt", fps_size, quick, cost_threads,
                            out / "student_cost.json")
-    rows = [{"name": "teacher", "paper": "-", "adds": setting["teacher"], "mean": miou(teachers["eval"]),
-             "std": 0.0, "n": 1, "gain": None, "ci": None, "verdict": "", **teacher_cost,
+    teacher_miou = miou(teachers["eval"])
+    rows = [{"name": "teacher", "paper": "-", "adds": setting["teacher"], "mean": teacher_miou,
+             "std": 0.0, "n": 1, **teacher_cost,
              "train_s": train_seconds([teachers["teacher"].parent]), "reported": reported.get("teacher", "")}]
     if "wide_eval" in teachers:   # MGD's second, structurally different teacher
         wide_cost = cost_of(teachers["wide_teacher"], fps_size, quick, cost_threads, out / "wide_teacher_cost.json")
         rows.append({"name": "wide teacher", "paper": "-", "adds": setting["wide_teacher"],
-                     "mean": miou(teachers["wide_eval"]), "std": 0.0, "n": 1, "gain": None, "ci": None,
-                     "verdict": "", **wide_cost, "train_s": train_seconds([teachers["wide_teacher"].parent]),
-                     "reported": ""})
-    on_partition = partition_rows(setting)
+                     "mean": miou(teachers["wide_eval"]), "std": 0.0, "n": 1, **wide_cost,
+                     "train_s": train_seconds([teachers["wide_teacher"].parent]), "reported": ""})
+    base_seconds = {}
     for row in setting["rows"]:
-        baseline = "partition_baseline" if row in on_partition else "baseline"   # its own labels
-        base = [miou(run_dirs[baseline, s] / "eval.json") for s in seeds]
-        values = [miou(run_dirs[row, s] / "eval.json") for s in seeds]
-        gains = [v - b for v, b in zip(values, base)]
-        gain, ci = gain_interval(gains)
-        rows.append({
-            "name": row, "paper": ROWS[row][0], "adds": ROWS[row][1], "values": values,
-            "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "gain": None if row == baseline else gain, "ci": None if row == baseline else ci,
-            "verdict": "" if row == baseline else verdict(gains),
-            **student_cost, "train_s": train_seconds([run_dirs[row, s] for s in seeds]),
-            "reported": reported.get(row, "")})
+        baseline = own_baseline(setting, row)
+        values = scores(row)
+        entry = {"name": row, "paper": ROWS[base_row(row)][0], "adds": ROWS[base_row(row)][1], "values": values,
+                 "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                 "n": len(values), **student_cost, "train_s": train_seconds([run_dirs[row, s] for s in seeds]),
+                 "reported": reported.get(row, "")}
+        seconds = mean_train_seconds([run_dirs[row, s] for s in seeds])
+        if row == baseline:
+            base_seconds[row] = seconds
+        else:
+            entry["main"] = comparison(values, scores(baseline), teacher_miou)
+            if setting.get("costs"):   # the measured wall-time ratio beside the recorded cost
+                entry["cost"] = cost_ratio(setting, row)
+                entry["eq"] = comparison(values, scores(equal_cost_baseline(setting, row)))
+                if seconds and base_seconds.get(baseline):
+                    entry["time_ratio"] = f"{seconds / base_seconds[baseline]:.2f}"
+        rows.append(entry)
+    family = [c for r in rows for c in (r.get("main"), r.get("eq")) if c is not None]
+    for c, adjusted in zip(family, holm([c["p"] for c in family])):
+        c["p_holm"], c["verdict"] = adjusted, verdict(c["gain"], adjusted, c["n"])
     return rows
 
 
-def train_seconds(run_dirs):
-    """Mean wall time of the runs' trainings, one process each ("" if any was resumed)."""
+def base_row(name):
+    """The ROWS entry of a run name: 'baseline@x2.5' (a baseline trained for 2.5 times the steps)
+    and the tuning runs' 'cwd@w0.3' are variants of 'baseline' and 'cwd'."""
+    return name.split("@")[0]
+
+
+def own_baseline(setting, row):
+    """The baseline a row is measured against: on the labeled partition for the partition rows."""
+    return "partition_baseline" if base_row(row) in partition_rows(setting) else "baseline"
+
+
+def cost_ratio(setting, row):
+    """The row's training cost in baseline trainings, as recorded in the setting (1 if none)."""
+    return setting.get("costs", {}).get(base_row(row), 1.0)
+
+
+def equal_cost_baseline(setting, row):
+    """The run of the student trained alone for as long as `row` costs: its baseline with the steps
+    multiplied by the recorded cost ratio (the same learning-rate schedule, stretched)."""
+    ratio = cost_ratio(setting, row)
+    return own_baseline(setting, row) if ratio == 1 else f"{own_baseline(setting, row)}@x{ratio:g}"
+
+
+def mean_train_seconds(run_dirs):
+    """Mean wall time of the runs' trainings, one process each (None if any was resumed)."""
     files = [Path(d) / "train_seconds.txt" for d in run_dirs]
     if not all(f.exists() for f in files):
-        return ""
-    return f"{statistics.mean(float(f.read_text()) for f in files):.0f}"
+        return None
+    return statistics.mean(float(f.read_text()) for f in files)
+
+
+def train_seconds(run_dirs):
+    """mean_train_seconds for the table: whole seconds, "" if unknown."""
+    seconds = mean_train_seconds(run_dirs)
+    return "" if seconds is None else f"{seconds:.0f}"
 
 
 def cost_of(checkpoint, fps_size, quick, threads, json_path):
@@ -851,17 +1027,19 @@ def picture_grid(checkpoints, dataset, path, count=6, width=160, header=16):
 
 
 # ----------------------------------------------------------------------------- the run
-def run(args):
-    """The demo (no --recipe) or a paper's recipe: plan, run every job, print and write the table."""
+def prepare(args):
+    """The setting of the command line, its output folder and data root, whether its jobs run at
+    CPU scale, how many at once; published teachers found beside the data."""
     setting = choose_setting(args)
     name = setting["name"]
-    out = Path(args.out or ("runs/quick" if args.quick else f"runs/{name}_smoke" if args.smoke else f"runs/{name}"))
+    default_out = ("runs/quick" if args.quick else f"runs/{name}_smoke" if args.smoke else
+                   f"runs/{name}_tune" if args.tune else f"runs/{name}_tuned" if args.tuned else f"runs/{name}")
+    out = Path(args.out or default_out)
     dataset = setting["dataset"]
     data_root = Path(args.data_root or ("data/synthetic_quick" if args.quick else f"data/{dataset}"))
-    demo = name == "demo"
     # at CPU scale (the demo, the camvid setting, a smoke run) one job per core with one thread
     # each: small models scale better across processes than across threads; on a GPU one at a time
-    cpu_scale = demo or args.smoke or setting.get("cpu", False)
+    cpu_scale = name == "demo" or args.smoke or setting.get("cpu", False)
     jobs_at_once = args.jobs or ((os.cpu_count() or 1) if cpu_scale else 1)
     for role, relative in setting.get("teacher_files", {}).items():   # published teachers beside the data
         option = f"{role}_checkpoint"
@@ -872,25 +1050,37 @@ def run(args):
                     f"{getattr(args, option)}: the {role.replace('_', ' ')} of recipe {name} not found; it is SKD's "
                     f"published {Path(relative).name} ({SKD_CAMVID_SOURCE}), expected beside --data-root "
                     f"(data/skd_camvid for data/camvid), or give --{option.replace('_', '-')} FILE")
+    if name != "demo" and not args.dry_run and not Path(data_root).is_dir():
+        raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of docs/DATASETS.md)")
+    return setting, out, data_root, cpu_scale, jobs_at_once
+
+
+def run(args):
+    """The demo (no --recipe) or a paper's recipe: plan, run every job, print and write the table."""
+    setting, out, data_root, cpu_scale, jobs_at_once = prepare(args)
+    demo = setting["name"] == "demo"
     if args.dry_run:
-        jobs, _, _, pre_steps = plan(setting, args, out, data_root, check=False)
         if demo:
             print(f"# make the synthetic data if missing: python -c \"import datasets; "
                   f"datasets.make_synthetic('{data_root}'{', counts=kd_seg.QUICK_COUNTS' if args.quick else ''})\"")
-        for description, _, _ in pre_steps:
-            print(f"# {description}")
-        for job_name, script, argv, needs in jobs:
-            print(f"# {job_name}" + (f" (after: {', '.join(needs)})" if needs else ""))
-            print(command_line(script, argv, job_environment(cpu_scale)))
+        print_plan(setting, args, out, data_root, cpu_scale)
         print(f"# then: params, GMACs and FPS of the teacher and student (eval.py --fps), the table "
               f"and {out / 'REPORT.md'}")
         return None
-    if not demo and not Path(data_root).is_dir():
-        raise FileNotFoundError(f"--data-root: {data_root} not found (expected the {dataset} layout of docs/DATASETS.md)")
     jobs, run_dirs, teachers, pre_steps = plan(setting, args, out, data_root)   # may fail: before any write
     with evaluation.lock_output_dir(out):   # one kd_seg.py per output folder
         return execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps,
                        cpu_scale, jobs_at_once)
+
+
+def print_plan(setting, args, out, data_root, cpu_scale):
+    """--dry-run: the steps and every job's command line, touching nothing."""
+    jobs, _, _, pre_steps = plan(setting, args, out, data_root, check=False)
+    for description, _, _ in pre_steps:
+        print(f"# {description}")
+    for job_name, script, argv, needs in jobs:
+        print(f"# {job_name}" + (f" (after: {', '.join(needs)})" if needs else ""))
+        print(command_line(script, argv, job_environment(cpu_scale)))
 
 
 def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, cpu_scale, jobs_at_once):
@@ -902,7 +1092,8 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
     # and scored on the same split: a val run never passes its numbers off as the test table
     evaluation.claim_output_dir(out, {"setting": name, "dataset": dataset, "data_root": str(data_root),
                                       "iters": setting["iters"], "teacher_iters": setting["teacher_iters"],
-                                      "split": flag_values(setting["eval"], "--split")[0]})
+                                      "split": flag_values(setting["eval"], "--split")[0],
+                                      "tuned": setting.get("tuned", "")})
     if demo:   # no-op when already complete; --quick makes a small copy that fits its minute
         datasets.make_synthetic(data_root, counts=QUICK_COUNTS if args.quick else None)
     for _, function, function_args in pre_steps:
@@ -926,7 +1117,7 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
     split = flag_values(setting["eval"], "--split")[0]
     eval_set = datasets.build_dataset(dataset, str(data_root), split)
     # image, ground truth, teacher, baseline and the student of the row with the largest mean gain
-    best = max((r for r in table_rows if r["gain"] is not None), key=lambda r: r["gain"], default=None)
+    best = max((r for r in table_rows if r.get("main")), key=lambda r: r["main"]["gain"], default=None)
     shown = [("teacher", teachers["teacher"]), ("baseline", run_dirs["baseline", seeds[0]] / "checkpoint.pt")]
     if best is not None:
         shown.append((f"best: {best['name']}", run_dirs[best["name"], seeds[0]] / "checkpoint.pt"))
@@ -961,6 +1152,122 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
     datasets.write_atomic(out / "results.json", json.dumps({"rows": table_rows, "diagnostics": diagnostics}, indent=1))
     print(f"wrote {out / 'REPORT.md'} | total {evaluation.format_eta(elapsed)}")
     return table_rows
+
+
+# ----------------------------------------------------------------------------- tuning
+DATA_LIMITED = 3.0   # mIoU points below the full-data baseline that make a partition "data-limited"
+
+
+def tune(args):
+    """`--tune`: one declared budget for every arm (setting["tune"]), on a drive held out of the
+    train split. Stage 1: the baseline's learning rate, and the partition baselines of each labeled
+    fraction; stage 2, at the chosen rate and fraction: each row's loss weights (one multiplier).
+    Writes <out>/tuned.json (what `--tuned` reads: the values, every score, each row's cost as the
+    mean train seconds of its chosen runs over the chosen baseline's) and <out>/TUNE.md."""
+    setting, out, data_root, cpu_scale, jobs_at_once = prepare(args)
+    spec, name = setting["tune"], setting["name"]
+    grids = {key: spec[key][:2] if args.smoke else spec[key] for key in ("lr", "multipliers", "partitions")}
+    seeds = args.seeds or spec["seeds"][:1 if args.smoke else None]
+    train_split, split = f"train_without_{spec['sequence']}", f"heldout_{spec['sequence']}"
+    base = {**setting, "seeds": seeds, "train_split": train_split, "hold_out": spec["sequence"],
+            "flags": set_flag(setting["flags"], "--train-split", [train_split]),
+            "eval": set_flag(setting["eval"], "--split", [split])}
+    default_lr = float(flag_values(setting["flags"], "--lr")[0])
+    lr_rows = {f"baseline@lr{v:g}": ["--lr", f"{v:g}"] for v in sorted({default_lr, *grids["lr"]})}
+    stage1 = [{**base, "rows": list(lr_rows), "overrides": {**setting["overrides"], **lr_rows}}]
+    stage1 += [{**base, "partition": k, "rows": [f"partition_baseline@k{k}"]} for k in grids["partitions"]]
+    arms, untuned = {}, []   # rows with the same flags are one arm (xie_lp, skd_pi and hinton at CPU scale)
+    for row in setting["rows"]:
+        flags = setting["overrides"].get(row, ROWS[row][2])
+        if row in ("baseline", "partition_baseline"):
+            continue
+        if "--kd" not in flags:
+            untuned.append(row)   # Zhu's rows: no loss weight
+            continue
+        arms.setdefault(tuple(flags), []).append(row)
+    if args.dry_run:
+        for stage in stage1:
+            print_plan(stage, args, out, data_root, cpu_scale)
+        print(f"# then, at the chosen lr and fraction, each arm at its weights x {grids['multipliers']}: "
+              f"{', '.join('/'.join(rows) for rows in arms.values())}; untuned: {', '.join(untuned) or 'none'}")
+        return None
+    with evaluation.lock_output_dir(out):
+        evaluation.claim_output_dir(out, {"tune": name, "data_root": str(data_root), "iters": setting["iters"],
+                                          "split": split, "seeds": seeds})
+        start = time.perf_counter()
+        scores, seconds = {}, {}
+        run_stage(stage1, args, out, data_root, cpu_scale, jobs_at_once, scores, seconds)
+        lr = max(lr_rows, key=lambda r: statistics.mean(scores[r]))
+        full = statistics.mean(scores[f"baseline@lr{default_lr:g}"])
+        limited = [k for k in sorted(grids["partitions"])
+                   if statistics.mean(scores[f"partition_baseline@k{k}"]) <= full - DATA_LIMITED]
+        partition = limited[0] if limited else max(grids["partitions"])
+        weighted = {f"{rows[0]}@w{m:g}": scaled_kd(list(flags), m) for flags, rows in arms.items()
+                    for m in grids["multipliers"]}
+        stage2 = {**base, "partition": partition, "rows": list(weighted),
+                  "overrides": {**setting["overrides"], **weighted},
+                  "flags": set_flag(base["flags"], "--lr", lr_rows[lr][1:])}
+        run_stage([stage2], args, out, data_root, cpu_scale, jobs_at_once, scores, seconds)
+        chosen = {rows[0]: max((r for r in weighted if base_row(r) == rows[0]), key=lambda r: statistics.mean(scores[r]))
+                  for rows in arms.values()}
+        base_s = seconds.get(lr)
+        tuned = {"setting": name, "command": " ".join(["python", "kd_seg.py", *sys.argv[1:]]),
+                 "date": time.strftime("%Y-%m-%d"), "machine": machine_line(), "split": split,
+                 "train_split": train_split, "seeds": seeds, "iters": setting["iters"], "lr": float(lr_rows[lr][1]),
+                 "partition": partition, "data_limited": DATA_LIMITED,
+                 "rows": {row: weighted[chosen[rows[0]]] for rows in arms.values() for row in rows},
+                 "multipliers": {row: float(chosen[rows[0]].split("@w")[1]) for rows in arms.values() for row in rows},
+                 # the cost in baseline trainings, to a quarter; a row not measured (Zhu's: the same
+                 # steps on the same student, its pseudo labels made once) costs 1
+                 "costs": {row: max(1.0, round(4 * seconds[chosen[rows[0]]] / base_s) / 4) if base_s and
+                           seconds.get(chosen[rows[0]]) else 1.0 for rows in arms.values() for row in rows},
+                 "untuned": untuned, "scores": scores, "seconds": seconds,
+                 "wall_seconds": round(time.perf_counter() - start)}
+        datasets.write_atomic(out / "tuned.json", json.dumps(tuned, indent=1) + "\n")
+        datasets.write_atomic(out / "TUNE.md", tune_report(tuned, lr_rows, weighted))
+    print(tune_report(tuned, lr_rows, weighted))
+    print(f"wrote {out / 'tuned.json'}: run the table with --tuned {out / 'tuned.json'}")
+    return tuned
+
+
+def run_stage(stages, args, out, data_root, cpu_scale, jobs_at_once, scores, seconds):
+    """Plan and run the jobs of several settings as one (shared jobs once); add each run's
+    per-seed scores and mean train seconds to `scores` and `seconds`."""
+    jobs, steps, run_dirs = {}, {}, {}
+    for stage in stages:
+        stage_jobs, stage_dirs, _, pre_steps = plan(stage, args, out, data_root)
+        jobs.update({job[0]: job for job in stage_jobs})
+        steps.update({description: (function, function_args) for description, function, function_args in pre_steps})
+        run_dirs.update({key: (stage, d) for key, d in stage_dirs.items()})
+    for function, function_args in steps.values():
+        function(*function_args)
+    run_all(list(jobs.values()), jobs_at_once, out, reproducible=cpu_scale)
+    for (row, seed), (stage, run_dir) in run_dirs.items():
+        scores.setdefault(row, []).append(100 * json.loads((run_dir / "eval.json").read_text())["metrics"]["miou"])
+    for row in {row for row, _ in run_dirs}:
+        mean_s = mean_train_seconds([d for (r, _), (_, d) in run_dirs.items() if r == row])
+        if mean_s:
+            seconds[row] = round(mean_s, 1)
+
+
+def tune_report(tuned, lr_rows, weighted):
+    """TUNE.md: every value tried with its mean score over the tuning seeds, and what was chosen."""
+    lines = [f"# kd-seg {tuned['setting']} tuning", "", f"Command: `{tuned['command']}`  ",
+             f"Machine: {tuned['machine']}; date {tuned['date']}; wall time "
+             f"{evaluation.format_eta(tuned['wall_seconds'])}  ",
+             f"Trained on {tuned['train_split']}, scored on {tuned['split']} (mIoU, mean over seeds "
+             f"{tuned['seeds']}); {tuned['iters']} iterations.", "",
+             "| run | mIoU per seed | mean | train (s) |", "|---|---|---:|---:|"]
+    for row, values in tuned["scores"].items():
+        lines.append(f"| {row} | {', '.join(f'{v:.1f}' for v in values)} | {statistics.mean(values):.1f} | "
+                     f"{tuned['seconds'].get(row, '')} |")
+    lines += ["", f"Chosen: lr {tuned['lr']:g}; labeled fraction 1/{tuned['partition']} (the largest whose "
+              f"partition baseline is {tuned['data_limited']:g} points below the full-data baseline, else the "
+              "smallest tried)."]
+    lines += [f"- {row}: x{tuned['multipliers'][row]:g} (`{' '.join(tuned['rows'][row])}`), cost "
+              f"{tuned['costs'][row]:g}x the baseline's training" for row in tuned["rows"]]
+    lines += [f"- {row}: not tuned (no loss weight), cost 1" for row in tuned["untuned"]]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -1183,7 +1490,7 @@ def main():
         return print_list()
     if args.benchmark:
         return camvid_benchmark(args) if args.recipe == "camvid" else benchmark(args)
-    return run(args)
+    return tune(args) if args.tune else run(args)
 
 
 if __name__ == "__main__":

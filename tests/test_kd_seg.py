@@ -55,6 +55,7 @@ def test_unknown_row_is_one_line_error(tmp_path):
 import math
 import os
 import re
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -168,11 +169,13 @@ def test_every_recipe_runs_end_to_end_at_smoke_scale(recipe, tmp_path, imagenet_
         on_partition = [c for c in trainings if "--train-subset" in c]
         assert {Path(re.search(r"--out (\S+)", c).group(1)).parent.name for c in on_partition} == {
             "partition_baseline", "xie_unlabeled", "zhu", "mgd"}
-        assert [r["name"] for r in rows if r["gain"] is None] == ["teacher", "wide teacher", "baseline",
-                                                                    "partition_baseline"]
+        assert [r["name"] for r in rows if "main" not in r] == ["teacher", "wide teacher", "baseline",
+                                                                  "partition_baseline"]
+        # one partition per seed, drawn with that seed
+        assert (out / "partition" / "labeled_1-8_seed0.txt").is_file()
     if recipe == "mgd2022":   # a 1/16 partition of the 6 train images: 1 labeled, 5 unlabeled
-        labeled = (out / "partition" / "labeled_1-16.txt").read_text().split()
-        unlabeled = (out / "partition" / "unlabeled_1-16.txt").read_text().split()
+        labeled = (out / "partition" / "labeled_1-16_seed0.txt").read_text().split()
+        unlabeled = (out / "partition" / "unlabeled_1-16_seed0.txt").read_text().split()
         assert len(labeled) == 1 and len(unlabeled) == 5 and not set(labeled) & set(unlabeled)
     if recipe == "zhu2020":   # the teacher labelled Cityscapes' train_extra offline
         assert len(list((out / "pseudo_labels").rglob("*_leftImg8bit.png"))) >= 4
@@ -187,7 +190,7 @@ def test_dry_run_prints_every_command_and_touches_nothing(tmp_path):
     assert sum(c.startswith("python train.py") for c in commands) == 4
     assert sum(c.startswith("python eval.py") for c in commands) == 4
     assert all("--pretrained https://download.pytorch.org/models/" in c for c in commands if "train.py" in c)
-    assert "labeled_1-16.txt" in r.stdout and not out.exists()
+    assert "labeled_1-16_seed" in r.stdout and not out.exists()
     demo = run_cli("kd_seg.py", "--dry-run", "--out", out, "--data-root", tmp_path / "syn")
     assert demo.returncode == 0 and "python train.py" in demo.stdout and not out.exists()
     assert not (tmp_path / "syn").exists()
@@ -231,26 +234,54 @@ def _t_quantile(df, p=0.975):
     return low
 
 
-def test_verdicts_are_paired_t_tests_at_95_percent():
+def test_verdicts_are_paired_t_tests_with_holm_over_the_table():
     for df, t in enumerate(kd_seg.T_975, start=1):
         assert t == pytest.approx(_t_quantile(df), abs=2e-3), df
+        # gains whose t statistic is the 95% quantile have p = 0.05 (mean t * sd / sqrt(n), sd 1)
+        n = df + 1
+        unit = [1.0, -1.0] * (n // 2) + [0.0] * (n % 2)
+        sd = statistics.stdev(unit)
+        gains = [u / sd + _t_quantile(df) / math.sqrt(n) for u in unit]
+        assert kd_seg.t_test_p(gains) == pytest.approx(0.05, abs=1e-6), df
     mean, half = kd_seg.gain_interval([1.0, 2.0, 3.0])   # sd 1: 4.303 / sqrt(3)
     assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
-    assert kd_seg.verdict([1.0, 2.0, 3.0]) == "inconclusive"   # 2 +- 2.48 includes 0
-    assert kd_seg.verdict([5.0, 6.0, 7.0]) == "better" and kd_seg.verdict([-5.0, -6.0, -7.0]) == "worse"
-    assert kd_seg.verdict([3.0]) == "n/a (1 seed)"
+    assert kd_seg.t_test_p([1.0, 2.0, 3.0]) == pytest.approx(0.0742, abs=1e-4)   # t = 2 sqrt(3), df 2
+    assert kd_seg.t_test_p([2.0, 2.0]) == 0.0 and kd_seg.t_test_p([0.0, 0.0]) == 1.0 == kd_seg.t_test_p([3.0])
+    # Holm: sorted p times m, m-1, ...; monotone; capped at 1; in the family's own order
+    assert kd_seg.holm([0.04, 0.01, 0.03, 0.5]) == pytest.approx([0.09, 0.04, 0.09, 0.5])
+    assert kd_seg.holm([0.3, 0.2]) == pytest.approx([0.4, 0.4]) and kd_seg.holm([0.9, 0.8]) == [1.0, 1.0]
+    assert kd_seg.verdict(2.0, 0.049, 5) == "better" and kd_seg.verdict(-2.0, 0.01, 5) == "worse"
+    assert kd_seg.verdict(2.0, 0.05, 5) == "inconclusive" and kd_seg.verdict(2.0, 0.0, 1) == "n/a (1 seed)"
 
 
-def test_table_prints_the_smallest_detectable_gain():
-    """The "detectable" column is the 95% interval's half-width: the smallest gain the row could call."""
-    gains = [1.0, 2.0, 3.0]
-    mean, half = kd_seg.gain_interval(gains)
-    row = {"name": "xie_lp", "paper": "Xie 2018", "adds": "+L_p", "params_m": 1.0, "gmacs": 2.0, "mean": 45.0,
-           "std": 1.0, "n": 3, "gain": mean, "ci": half, "verdict": kd_seg.verdict(gains), "fps": 9.0, "train_s": "5"}
-    table = kd_seg.format_results([row], with_reported=False).splitlines()
-    cells = dict(zip([c.strip() for c in table[0].split("|")], [c.strip() for c in table[2].split("|")]))
-    assert cells["detectable"] == f"{half:.1f}" == "2.5"
-    assert cells["gain [95% CI]"] == "+2.0 [-0.5, +4.5]" and cells["verdict"] == "inconclusive"
+def test_table_rows_holm_gap_closed_and_equal_cost(tmp_path, monkeypatch):
+    """result_rows on made-up scores: the paired gains against the baseline and against the baseline
+    trained for the row's cost, one Holm family over both, the gap closed toward the teacher."""
+    def run(name, seed, miou):
+        d = tmp_path / name / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"metrics": {"miou": miou / 100}}))
+        (d / "train_seconds.txt").write_text("10\n" if name == "baseline" else "25\n")
+        return d
+    seeds = [0, 1, 2]
+    scores = {"baseline": [30, 31, 32], "baseline@x2.5": [33, 34, 35], "cwd": [35, 36.5, 37]}
+    run_dirs = {(name, s): run(name, s, v[s]) for name, v in scores.items() for s in seeds}
+    (tmp_path / "teacher_eval.json").write_text(json.dumps({"metrics": {"miou": 0.51}}))
+    setting = {"seeds": seeds, "reported": {}, "teacher": "t", "rows": ["baseline", "cwd"], "costs": {"cwd": 2.5}}
+    monkeypatch.setattr(kd_seg, "cost_of", lambda *a, **k: {"params_m": 1.0, "gmacs": 1.0, "fps": 1.0})
+    teachers = {"teacher": tmp_path / "t.pt", "eval": tmp_path / "teacher_eval.json"}
+    rows = kd_seg.result_rows(setting, tmp_path, run_dirs, teachers, (8, 8), True, 1)
+    cwd = rows[-1]
+    assert cwd["main"]["gain"] == pytest.approx(31 / 6) and cwd["eq"]["gain"] == pytest.approx(13 / 6)
+    assert cwd["main"]["gap"] == pytest.approx(31 / 6 / (51 - 31))
+    assert [cwd["main"]["p_holm"], cwd["eq"]["p_holm"]] == pytest.approx(kd_seg.holm([cwd["main"]["p"], cwd["eq"]["p"]]))
+    assert cwd["time_ratio"] == "2.50" and cwd["cost"] == 2.5
+    table = kd_seg.format_results(rows, with_reported=False).splitlines()
+    cells = dict(zip([c.strip() for c in table[0].split("|")], [c.strip() for c in table[-1].split("|")]))
+    half = cwd["main"]["ci"]
+    assert cells["detectable"] == f"{half:.1f}" and cells["gap closed"] == "0.26"
+    assert cells["gain [95% CI]"] == f"+5.2 [{31 / 6 - half:+.1f}, {31 / 6 + half:+.1f}]"
+    assert cells["verdict"] == cwd["main"]["verdict"] and cells["cost (x)"] == "2.5"
 
 
 def test_pool_workers_end_with_kd_seg_after_kill_9(tmp_path):
@@ -326,7 +357,52 @@ def test_camvid_setting_without_its_teacher_or_in_dry_run_writes_nothing(tmp_pat
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     r = run_cli("kd_seg.py", "--recipe", "camvid", "--data-root", SHARED_DATA / "CamVid", "--dry-run",
                 "--out", tmp_path / "out")
-    assert r.returncode == 0 and "a 180x240 copy of" in r.stdout and "labeled_1-8.txt" in r.stdout
+    assert r.returncode == 0 and "a 180x240 copy of" in r.stdout and "labeled_1-8_seed4.txt" in r.stdout
     commands = [line for line in r.stdout.splitlines() if " python " in line]
-    assert sum(" train.py " in c for c in commands) == 5 * 11   # skd_pi shares xie_lp's runs
+    assert sum(" train.py " in c for c in commands) == 5 * 12   # skd_pi and hinton share xie_lp's runs
     assert all("OMP_NUM_THREADS=1" in c for c in commands) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not HAS_CAMVID, reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
+def test_camvid_tuning_then_the_tuned_table_at_smoke_scale(tmp_path):
+    """`--tune` on the real tree (smoke: 2 values of each grid, one seed, 2 iterations): the
+    baseline's lr and the labeled fractions, then every arm's weights at the chosen ones, trained
+    without drive 0006R0 and scored on it; then `--tuned` runs the table with those values and a
+    compute-matched baseline for each row that costs more than one baseline training."""
+    rows = ["--rows", "xie_lp,hinton,mgd,zhu"]   # a shared arm, a partition row, an untuned row
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--tune", "--smoke", *rows, "--data-root",
+                SHARED_DATA / "CamVid", "--out", tmp_path / "tune", timeout=600)
+    assert r.returncode == 0, r.stderr
+    tuned = json.loads((tmp_path / "tune" / "tuned.json").read_text())
+    assert tuned["split"] == "heldout_0006R0" and tuned["train_split"] == "train_without_0006R0"
+    assert tuned["lr"] in (2.5e-3, 5e-3) and tuned["partition"] in (8, 16)
+    assert set(tuned["rows"]) == {"xie_lp", "hinton", "mgd"} and tuned["untuned"] == ["zhu"]
+    assert tuned["rows"]["xie_lp"] == tuned["rows"]["hinton"]   # one arm: the same flags
+    assert {"baseline@lr0.0025", "partition_baseline@k16", "mgd@w0.1", "xie_lp@w0.3"} <= set(tuned["scores"])
+    held_out = {p.name[:6] for p in (tmp_path / "tune" / "camvid_96x128" / "heldout_0006R0").glob("*.png")}
+    trained = {p.name[:6] for p in (tmp_path / "tune" / "camvid_96x128" / "train_without_0006R0").glob("*.png")}
+    assert held_out == {"0006R0"} and "0006R0" not in trained
+    assert "Chosen: lr" in (tmp_path / "tune" / "TUNE.md").read_text()
+    tuned["costs"]["mgd"] = 2.5   # a recorded cost: the partition baseline trains 2.5 x as long beside it
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--smoke", *rows, "--tuned", tmp_path / "tuned.json",
+                "--data-root", SHARED_DATA / "CamVid", "--out", tmp_path / "table", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "gain at equal cost" in r.stdout and "| mgd |" in r.stdout
+    long_run = json.loads((tmp_path / "table" / "partition_baseline@x2.5" / "seed0" / "args.json").read_text())
+    assert long_run["iters"] == 5   # round(2 x 2.5)
+    report = (tmp_path / "table" / "REPORT.md").read_text()
+    assert f"--lr {tuned['lr']:g}" in report or f"--lr {tuned['lr']}" in report
+
+
+def test_tuned_file_errors_are_one_line(tmp_path):
+    bad = tmp_path / "tuned.json"
+    bad.write_text("{not json")
+    for argv, message in ((["--recipe", "camvid", "--tuned", bad], "not a tuned.json"),
+                          (["--tune"], "--recipe camvid"), (["--recipe", "camvid", "--tune", "--tuned", bad], "one of")):
+        r = run_cli("kd_seg.py", *argv, "--out", tmp_path / "out", "--data-root", tmp_path / "none", "--dry-run")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    bad.write_text(json.dumps({"setting": "demo", "lr": 1, "rows": {}, "partition": 8, "costs": {}}))
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--tuned", bad, "--dry-run", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "tuned for setting 'demo'" in r.stderr
+    assert not (tmp_path / "out").exists()
