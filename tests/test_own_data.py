@@ -1,16 +1,54 @@
-"""Your own data from the command line (docs/DATASETS.md, `folder`): the classes travelling in
-the checkpoint, and every bad input in one line.
+"""Your own data from the command line (docs/DATASETS.md, `folder`): the documented example run
+exactly as printed, the classes travelling in the checkpoint, and every bad input in one line.
 
 Run: python -m pytest -q tests/test_own_data.py
 """
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import datasets
 import eval as evaluation
 import train
+from conftest import REPO
+
+
+def docs_example():
+    """The shell block of docs/DATASETS.md's `folder` section."""
+    text = (REPO / "docs" / "DATASETS.md").read_text()
+    section = text[text.index("### `folder`"):]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def test_docs_example_runs_exactly_as_printed(tmp_path):
+    # in an empty folder, as a user in a clone would: the scripts beside it, `python` on the PATH
+    for script in REPO.glob("*.py"):
+        (tmp_path / script.name).symlink_to(script)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "-e", "-c", docs_example()], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for run in ("teacher", "student"):
+        assert (tmp_path / "runs" / "mine" / run / "checkpoint.pt").is_file()
+    assert re.search(r"^red square +\d+\.\d$", r.stdout, re.M) and re.search(r"^mIoU +\d+\.\d\d$", r.stdout, re.M)
+    # the predictions of the val images (the 5th and 10th), coloured with the file's colours
+    pred = tmp_path / "runs" / "mine" / "pred"
+    assert sorted(p.name for p in pred.glob("*.png")) == ["04.png", "09.png"]
+    colour = np.array(Image.open(pred / "color" / "04.png").convert("RGB")).reshape(-1, 3)
+    ids = np.array(Image.open(pred / "04.png")).reshape(-1)
+    palette = [datasets.generated_palette(3)[0], (0xe0, 0x28, 0x28), (0x28, 0x28, 0xe0)]   # background: none given
+    assert (colour == np.array(palette)[ids]).all() and (pred / "confidence" / "04.png").is_file()
+    # nothing was written into the data folder
+    written = {str(p.relative_to(tmp_path / "mydata")) for p in (tmp_path / "mydata").rglob("*") if p.is_file()}
+    assert written == {"classes.txt"} | {f"{folder}/{i:02d}.{suffix}" for i in range(12)
+                                         for folder, suffix in (("images", "jpg"), ("labels", "png"))}
 
 
 # ----------------------------------------------------------------------------------------------
