@@ -681,3 +681,22 @@ def test_make_camvid_small_keeps_the_layout_and_raw_ids(tmp_path):
     assert (small / "DONE").stat().st_mtime_ns == stamp
     with pytest.raises(FileNotFoundError, match="CamVid not found"):
         datasets.make_camvid_small(tmp_path / "nothing", tmp_path / "x")
+
+
+def test_real_data_is_read_from_the_repository_first_then_from_beside_it(tmp_path):
+    from conftest import find_real_data
+    places = [(tmp_path / "repo" / "data" / "camvid", tmp_path / "repo" / "data" / "skd_camvid"),
+              (tmp_path / "shared" / "data" / "CamVid", tmp_path / "shared" / "data" / "skd_camvid")]
+    assert find_real_data(places) == (None, None)   # the tests that read it skip
+
+    def fill(camvid, skd_camvid):
+        for split in ("train", "val", "test"):
+            (camvid / split).mkdir(parents=True, exist_ok=True)
+        (skd_camvid / "ESP").mkdir(parents=True)
+        (skd_camvid / "ESP" / "base_57.8.pth").touch()
+    fill(*places[1])
+    assert find_real_data(places) == places[1]
+    (places[0][0] / "train").mkdir(parents=True)   # a half-copied CamVid in the repository
+    assert find_real_data(places) == places[1]
+    fill(*places[0])
+    assert find_real_data(places) == places[0]
