@@ -7,8 +7,8 @@ What is in this file, top to bottom:
      save_label_png, save_confidence_png, colorize
   3. paired (image, label) transforms in the torchvision-references style
   4. SegmentationFolder, the one dataset class every layout goes through
-  5. the on-disk layouts (voc, cityscapes, pascal_context, camvid, ade20k, folder, synthetic)
-     and build_dataset
+  5. the on-disk layouts (voc, cityscapes, pascal_context, camvid, ade20k, synthetic, and folder:
+     any tree of images, or your own labelled data with read_class_names) and build_dataset
   6. the synthetic benchmark: make_synthetic; a downscaled CamVid copy: make_camvid_small
   7. Zhu et al. 2020 centroid sampling: compute_centroids, CentroidSampler, ConcatSegmentation
   8. MGD CutMix: sample_cutmix_boxes, cutmix_box_masks
@@ -21,6 +21,8 @@ Usage:
     val = datasets.build_dataset("cityscapes", "/data/cityscapes", "val")        # full images
     pseudo = datasets.build_dataset("folder", "data/synthetic/images", "unlabeled",
                                     label_root="runs/pseudo", classes_from="synthetic")
+    names, palette = datasets.read_class_names("mydata/classes.txt")   # your own data
+    mine = datasets.build_dataset("folder", "mydata", "val", class_names=names, palette=palette)
 
 Every label is read without any colour conversion, remapped with a 256-entry lookup table, and
 checked: a colour (RGB) label, a label of another size than its image, or an id that maps outside
@@ -71,6 +73,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -688,10 +691,97 @@ def _folder_files(root, split, label_root=None):
     if not images:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images found under {folder}")
     if label_root is None:
-        return images, None, make_lut()
+        return images, None
     labels = [os.path.join(label_root, os.path.splitext(os.path.relpath(p, folder))[0] + ".png")
               for p in images]
-    return images, labels, make_lut()
+    return images, labels
+
+
+def is_labelled_folder(root):
+    """Your own data: ROOT/images/ beside ROOT/labels/ (docs/DATASETS.md, `folder`)."""
+    return os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "labels"))
+
+
+def _stem(name):
+    """A file name or list entry without its image suffix ("a.jpg", "a" -> "a"; "v1.2" stays)."""
+    return os.path.splitext(name)[0] if name.lower().endswith(IMAGE_SUFFIXES) else name
+
+
+def _labelled_folder_files(root, split):
+    """ROOT/images/<stem>.png|jpg with ROOT/labels/<stem>.png; a split is the stems listed in
+    ROOT/<split>.txt, or, when the folder has no lists at all, every fifth image (sorted by
+    name: the 5th, 10th, ...) for "val" and the others for "train"; split "" is every image."""
+    image_folder = os.path.join(root, "images")
+    images = _list_files(image_folder, IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images found under {image_folder}")
+    stems = [_stem(os.path.relpath(p, image_folder)) for p in images]
+    index_of = {}
+    for index, stem in enumerate(stems):
+        if stem in index_of:  # a.png and a.jpg: which one does labels/a.png label?
+            first, second = (os.path.basename(images[i]) for i in (index_of[stem], index))
+            raise ValueError(f"two images named {stem} in {image_folder} ({first} and {second}); "
+                             "expected one image per label")
+        index_of[stem] = index
+    lists = [os.path.join(root, name + ".txt") for name in ("train", "val", "test")]
+    list_path = os.path.join(root, f"{split}.txt")
+    if not split:
+        chosen = range(len(images))
+    elif os.path.isfile(list_path):
+        wanted = [_stem(line.split()[0]) for line in _read_lines(list_path)]
+        missing = [stem for stem in wanted if stem not in index_of]
+        if missing:
+            raise ValueError(f"{list_path}: {len(missing)} listed images are not in {image_folder} "
+                             f"(first: {missing[0]})")
+        chosen = [index_of[stem] for stem in wanted]
+    elif split in ("train", "val") and not any(map(os.path.isfile, lists)):
+        # a fixed rule rather than a random draw: the same folder always splits the same way
+        chosen = [i for i in range(len(images)) if (i % 5 == 4) == (split == "val")]
+    else:
+        raise FileNotFoundError(f"split '{split}' not found: expected {list_path} (one image name a "
+                                "line; without any list, only 'train' and 'val' exist)")
+    labels = [os.path.join(root, "labels", stems[i] + ".png") for i in chosen]
+    return [images[i] for i in chosen], labels
+
+
+def read_class_names(path, num_classes=None):
+    """(names, palette) of your own data's classes from `path`: one class a line, in class-id
+    order, its name (spaces allowed), then optionally its colour as #rrggbb; or a .json file
+    holding a list of such lines. A class without a colour gets the generated palette's.
+    num_classes: the count the names must have (--num-classes), when given."""
+    try:
+        with open(path) as file:
+            lines = json.load(file) if path.lower().endswith(".json") else file.read().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"class names file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"cannot read class names file {path}: {error}") from None
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+        raise ValueError(f"{path}: expected a JSON list of strings, \"name\" or \"name #rrggbb\"")
+    names, palette = [], []
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        colour = None
+        if fields[-1].startswith("#"):
+            colour, fields = fields[-1], fields[:-1]
+            if not re.fullmatch(r"#[0-9a-fA-F]{6}", colour):
+                raise ValueError(f"{path} line {number}: colour {colour} is not #rrggbb (six hex digits)")
+            colour = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        if not fields:
+            raise ValueError(f"{path} line {number}: {line.strip()!r} has a colour but no class name")
+        name = " ".join(fields)
+        if name in names:
+            raise ValueError(f"{path} line {number}: class {name!r} is named twice")
+        names.append(name)
+        palette.append(colour)
+    if not names:
+        raise ValueError(f"{path}: names no class; expected one class name a line")
+    if num_classes is not None and num_classes != len(names):
+        raise ValueError(f"{path} names {len(names)} classes; expected {num_classes} (--num-classes)")
+    generated = generated_palette(len(names))
+    return names, [colour or generated[c] for c, colour in enumerate(palette)]
 
 
 def _synthetic_files(root, split):
@@ -716,30 +806,47 @@ DATASETS = {
 
 
 def build_dataset(name, root, split, train=False, crop_size=None, scale_range=(0.5, 2.0),
-                  label_root=None, classes_from=None, jitter=0.2, keep_decoded=False):
+                  label_root=None, classes_from=None, jitter=0.2, keep_decoded=False,
+                  class_names=None, palette=None, ignore_index=IGNORE_INDEX):
     """A SegmentationFolder for one split of a named layout (see docs/DATASETS.md).
 
-    name: synthetic, voc, cityscapes, pascal_context, camvid, ade20k, or folder (any image tree;
-    split is a sub-folder, or "" for root itself). For "folder", label_root pairs every image with
-    label_root/<relative path without suffix>.png (e.g. pseudo labels) and classes_from names the
-    dataset whose classes those labels use; without label_root all labels are 255.
+    name: synthetic, voc, cityscapes, pascal_context, camvid, ade20k, or folder:
+      - your own labelled data, a root holding images/ and labels/: split is the list
+        root/<split>.txt, or the fixed train/val rule of _labelled_folder_files; "" is every image;
+        its labels are read when classes are given (else it is a set of unlabeled images);
+      - any other tree of images: split is a sub-folder ("" or None: root itself); unlabeled (all
+        labels 255), or paired with label_root/<relative path without suffix>.png (pseudo labels).
+    A folder's classes: those of the dataset classes_from names, or class_names (with palette,
+    their colours; None: generated); ignore_index: the raw label id of pixels to ignore.
     train=True: random scale in scale_range, crop_size crop, flip, photometric jitter (0 disables).
     keep_decoded: hold every decoded image and label in memory (SegmentationFolder).
     """
     transforms = build_transforms(train, crop_size, scale_range, jitter)
     if name == "folder":
-        if (label_root is not None or classes_from is not None) and classes_from not in DATASETS:
-            raise ValueError(f"build_dataset('folder', label_root=...) needs classes_from= the "
-                             f"dataset the labels belong to, one of {sorted(DATASETS)}")
-        images, labels, lut = _folder_files(root, split, label_root)
-        if classes_from is None:  # unlabeled: no classes needed, every label is 255
-            dataset = SegmentationFolder(images, labels, [], [], lut, transforms, keep_decoded=keep_decoded)
-        else:
+        if classes_from is not None:
+            if classes_from not in DATASETS:
+                raise ValueError(f"classes_from={classes_from!r}: expected one of {sorted(DATASETS)}")
             _, class_names, palette = DATASETS[classes_from]
-            dataset = SegmentationFolder(images, labels, class_names, palette, lut, transforms,
-                                         THING_CLASSES[classes_from], keep_decoded)
-        # the folder images are named from (eval.output_names), as label_root pairs them
-        dataset.image_root = os.path.join(root, split) if split else root
+        if label_root is None and is_labelled_folder(root):
+            images, labels = _labelled_folder_files(root, split)
+            image_root = os.path.join(root, "images")
+            if class_names is None:  # read as unlabeled images (e.g. train.py --unlabeled-root)
+                labels = None
+        else:
+            images, labels = _folder_files(root, split, label_root)
+            image_root = os.path.join(root, split) if split else root
+        if labels is not None and class_names is None:
+            raise ValueError(f"build_dataset('folder', {root!r}): its labels need their classes: "
+                             f"class_names=[...] or classes_from= one of {sorted(DATASETS)}")
+        class_names = class_names or []
+        is_class_id = ignore_index != IGNORE_INDEX and ignore_index < len(class_names)
+        if is_class_id or not 0 <= ignore_index <= 255:
+            raise ValueError(f"ignore index {ignore_index} (--ignore-index): expected 255 or an id above "
+                             f"the class ids 0..{len(class_names) - 1}")
+        lut = make_lut(ignore=[ignore_index])
+        dataset = SegmentationFolder(images, labels, class_names, palette, lut, transforms,
+                                     THING_CLASSES.get(classes_from, ()), keep_decoded)
+        dataset.image_root = image_root  # the folder images are named from (eval.output_names)
         return dataset
     elif name in DATASETS:
         if not os.path.isdir(root):

@@ -384,8 +384,13 @@ def get_args_parser():
     p.add_argument("--num-classes", type=int, help="class count for --model without checkpoint")
     p.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
     p.add_argument("--data-root", help="dataset root folder")
-    p.add_argument("--split", help="split to evaluate (default: val; with --dataset folder: the "
-                                   "--data-root folder itself)")
+    p.add_argument("--split", help="split to evaluate (default: val; with --dataset folder: val of "
+                                   "your own labelled data, else the --data-root folder itself)")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="--dataset folder: the classes' names and colours, as for train.py "
+                        "(default: the checkpoint's)")
+    p.add_argument("--ignore-index", type=int,
+                   help="--dataset folder: the label id not scored (default: the checkpoint's, else 255)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16)")
@@ -434,6 +439,11 @@ def check_args(args):
         raise ValueError("--model without --checkpoint needs a positive --num-classes")
     if (args.save_pred or not args.fps) and args.data_root is None and args.checkpoint:
         raise ValueError("--data-root is required to evaluate or save predictions")
+    if args.dataset != "folder" and (args.class_names or args.ignore_index is not None):
+        raise ValueError(f"--class-names and --ignore-index are for --dataset folder (your own data); "
+                         f"{args.dataset} has its own classes and ignored ids")
+    if args.ignore_index is not None:
+        check_number("--ignore-index", args.ignore_index, 0, 255)
     if args.submission and (args.data_root is None or args.dataset not in datasets.SUBMISSION_IDS):
         raise ValueError(f"--submission needs --data-root and --dataset one of "
                          f"{sorted(datasets.SUBMISSION_IDS)}")
@@ -441,8 +451,9 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    if args.split is None:
-        args.split = "" if args.dataset == "folder" else "val"
+    if args.split is None:  # a tree of images is read whole; labelled data is scored on val
+        image_tree = args.dataset == "folder" and not datasets.is_labelled_folder(args.data_root or "")
+        args.split = "" if image_tree else "val"
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
@@ -455,15 +466,12 @@ def main(args):
     else:
         model, ckpt = models.build_model(args.model, args.num_classes).to(args.device).eval(), None
     if args.data_root and args.dataset == "folder":
-        # any image folder (pseudo labels): class names and palette of the checkpoint's dataset
-        dataset = datasets.build_dataset("folder", args.data_root, args.split,
-                                         classes_from=ckpt["args"]["dataset"] if ckpt else None)
-        if ckpt and dataset.num_classes != model.num_classes:
-            raise ValueError(f"{args.checkpoint}: checkpoint has {model.num_classes} classes, its "
-                             f"dataset {ckpt['args']['dataset']} has {dataset.num_classes}")
-        if not ckpt:  # a published file names no dataset: class ids as names, generated colours
-            dataset.class_names = [str(c) for c in range(model.num_classes)]
-            dataset.num_classes, dataset.palette = model.num_classes, datasets.generated_palette(model.num_classes)
+        classes = folder_classes(args, ckpt, model)
+        dataset = datasets.build_dataset("folder", args.data_root, args.split, **classes)
+        if dataset.num_classes != model.num_classes:
+            raise ValueError(f"{args.checkpoint or '--model ' + args.model}: has {model.num_classes} classes, "
+                             f"but {dataset.num_classes} were given for --dataset folder (--num-classes, "
+                             "--class-names)")
     if args.window and min(args.window) < 2 * model.output_stride:
         # a window the network's coarsest feature map would cover with a single cell: it runs,
         # and its scores are garbage
@@ -488,7 +496,7 @@ def main(args):
                  "split": args.split}
         save_submission(model, dataset, args.dataset, args.submission, args.device, args.amp,
                         args.scales, args.flip, args.window, owner)
-    if dataset is not None and args.dataset != "folder":
+    if dataset is not None and None not in dataset.label_paths:  # not for a folder without labels
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                              num_workers=args.workers)
         metrics = evaluate(model, loader, args.device, dataset.num_classes, args.amp,
@@ -511,6 +519,28 @@ def main(args):
     if args.json:
         datasets.write_atomic(args.json, json.dumps(results, indent=1))
     return results
+
+
+def folder_classes(args, ckpt, model):
+    """build_dataset's class arguments for --dataset folder: --class-names or --num-classes and
+    --ignore-index where given; else what the checkpoint's training recorded: the named dataset
+    it trained on, or your own data's names, colours and ignored id; a published file names no
+    dataset: class ids as names."""
+    trained = ckpt["args"] if ckpt else {}
+    ignore_index = args.ignore_index
+    if ignore_index is None:
+        ignore_index = trained.get("ignore_index", datasets.IGNORE_INDEX)
+    if args.class_names:
+        names, palette = datasets.read_class_names(args.class_names, args.num_classes)
+    elif args.num_classes is not None:
+        names, palette = [str(c) for c in range(args.num_classes)], None
+    elif trained.get("dataset") in datasets.DATASETS:
+        return dict(classes_from=trained["dataset"], ignore_index=ignore_index)
+    elif "classes" in trained:
+        names, palette = trained["classes"], trained["palette"]
+    else:
+        names, palette = [str(c) for c in range(model.num_classes)], None
+    return dict(class_names=names, palette=palette, ignore_index=ignore_index)
 
 
 # =============================================================================================

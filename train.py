@@ -11,6 +11,8 @@
     # Zhu et al.: real + offline pseudo labels (eval.py --save-pred), class-uniform sampling
     python train.py ... --unlabeled-root data/synthetic/images/unlabeled --pseudo-labels runs/pseudo \
         --centroid-sampling 0.5
+    # your own data: DATA/images/ and DATA/labels/ (docs/DATASETS.md, `folder`)
+    python train.py --dataset folder --data-root DATA --class-names DATA/classes.txt --out runs/mine
     # resume an interrupted run exactly where it stopped
     python train.py --out runs/student --resume
     # several GPUs: torchrun --standalone --nproc_per_node=4 train.py ...
@@ -58,6 +60,14 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
     g.add_argument("--data-root", default="data/synthetic", help="dataset root folder")
+    g.add_argument("--num-classes", type=int,
+                   help="--dataset folder (your own data): label ids 0..N-1 are the classes; the "
+                        "named datasets know their own count")
+    g.add_argument("--class-names", metavar="FILE",
+                   help="--dataset folder: one class a line in id order, its name, optionally its "
+                        "colour #rrggbb (or a .json list of such lines); default: names 0..N-1")
+    g.add_argument("--ignore-index", type=int, default=255,
+                   help="--dataset folder: the label id of pixels to neither train nor score on")
     g.add_argument("--train-split", default="train")
     g.add_argument("--train-subset", metavar="FILE",
                    help="train on the listed images of the split only: a label partition (MGD's "
@@ -177,6 +187,7 @@ def check_args(args):
     for name in ("workers", "eval_every", "imitation_warmup"):
         check(f"--{name.replace('_', '-')}", getattr(args, name))
     check("--seed", args.seed, 0, 2 ** 32 - 1)  # numpy's seed range
+    check("--ignore-index", args.ignore_index, 0, 255)  # a label PNG holds 8-bit ids
     for name in ("lr", "d_lr", "tau", "cwd_tau"):
         check(f"--{name.replace('_', '-')}", getattr(args, name), low_open=True)
     for name in ("weight_decay", "poly_power", "aux_weight", "lambda_gp"):
@@ -247,6 +258,9 @@ def run(args, weights, rank, world, resume_from):
     # initialise the networks is part of a run's identity)
     train_set, val_set = build_data(args)
     args.num_classes = (train_set if val_set is None else val_set).num_classes
+    # the names and colours of the classes, for eval.py to take from the checkpoint (your own
+    # data's come from --class-names, a file that may be gone by then)
+    args.classes, args.palette = train_set.class_names, [list(colour) for colour in train_set.palette]
     student = build_student(args, device)
     distiller = build_distiller(args, weights, student, train_set.thing_classes, device)
     model = student
@@ -512,7 +526,9 @@ def build_data(args):
     """(training set, validation set or None with --val-split ''), checked: what can fail later
     fails now: an empty split (the sampler would wait for a first sample forever, the final mIoU
     would be 0), a broken file (file headers only: no decoding)."""
-    val_set = datasets.build_dataset(args.dataset, args.data_root, args.val_split) if args.val_split else None
+    val_set = None
+    if args.val_split:
+        val_set = datasets.build_dataset(args.dataset, args.data_root, args.val_split, **class_arguments(args))
     train_set = build_train_set(args, args.crop_size)
     for option, split, dataset in (("--train-split", args.train_split, train_set),
                                    ("--val-split", args.val_split, val_set)):
@@ -524,16 +540,45 @@ def build_data(args):
     return train_set, val_set
 
 
+def class_arguments(args):
+    """build_dataset's class arguments. Your own data (--dataset folder) names its classes with
+    --class-names FILE or --num-classes N and may ignore a label id of its own (--ignore-index);
+    the named datasets know theirs."""
+    if args.dataset != "folder":
+        known = datasets.DATASETS.get(args.dataset, (None, None))[1]
+        if known and args.num_classes not in (None, len(known)):
+            raise ValueError(f"--num-classes {args.num_classes}: {args.dataset} has {len(known)} classes")
+        if args.class_names or args.ignore_index != datasets.IGNORE_INDEX:
+            raise ValueError(f"--class-names and --ignore-index are for --dataset folder (your own data); "
+                             f"{args.dataset} has its own classes and ignored ids")
+        return {}
+    if not datasets.is_labelled_folder(args.data_root):
+        raise FileNotFoundError(f"--dataset folder --data-root {args.data_root}: training needs labels: "
+                                f"expected {os.path.join(args.data_root, 'images')} and "
+                                f"{os.path.join(args.data_root, 'labels')} (docs/DATASETS.md)")
+    if args.class_names:
+        names, palette = datasets.read_class_names(args.class_names, args.num_classes)
+    elif args.num_classes is not None:
+        evaluation.check_number("--num-classes", args.num_classes, low_open=True)
+        names, palette = [str(c) for c in range(args.num_classes)], None
+    else:
+        raise ValueError("--dataset folder needs --num-classes N or --class-names FILE (docs/DATASETS.md)")
+    return dict(class_names=names, palette=palette, ignore_index=args.ignore_index)
+
+
 def build_train_set(args, crop_size):
     """The labeled set, plus pseudo-labelled images (Zhu et al.) when given."""
     common = dict(train=True, crop_size=tuple(crop_size), scale_range=tuple(args.scale_range),
                   keep_decoded=args.keep_decoded)
-    train_set = datasets.build_dataset(args.dataset, args.data_root, args.train_split, **common)
+    train_set = datasets.build_dataset(args.dataset, args.data_root, args.train_split, **common,
+                                       **class_arguments(args))
     if args.train_subset:
         train_set = datasets.keep_listed(train_set, args.train_subset)
     if args.pseudo_labels:
+        # eval.py --save-pred writes class indices (255: ignore) with the classes of the run
         pseudo = datasets.build_dataset("folder", args.unlabeled_root, None, label_root=args.pseudo_labels,
-                                        classes_from=args.dataset, **common)
+                                        class_names=train_set.class_names, palette=train_set.palette,
+                                        **common)
         train_set = datasets.ConcatSegmentation([train_set, unlabeled_subset(pseudo, args)])
     return train_set
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: one small synthetic dataset and one briefly trained teacher per test session."""
+"""Shared fixtures: one small synthetic dataset and one briefly trained teacher per test session;
+where the real data is (CamVid and SKD's published CamVid students) and the mark that skips the
+tests that read it where it is absent."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SMALL = {"train": 32, "unlabeled": 32, "val": 16, "test": 16}
+
+# Real data: first where the README tells users to put it, inside the repository; else in
+# ../shared/data beside it (CI's machines have it there). CamVid and SKD's files are taken from
+# one place, as kd_seg.py looks for skd_camvid/ beside the CamVid folder.
+REAL_DATA_PLACES = [(REPO / "data" / "camvid", REPO / "data" / "skd_camvid"),
+                    (REPO.parent / "shared" / "data" / "CamVid", REPO.parent / "shared" / "data" / "skd_camvid")]
+
+
+def find_real_data(places=REAL_DATA_PLACES):
+    """(CamVid folder, SKD's CamVid folder) of the first place holding both, else (None, None)."""
+    for camvid, skd_camvid in places:
+        splits = all((camvid / split).is_dir() for split in ("train", "val", "test"))
+        if splits and any(skd_camvid.glob("*/*.pth")):
+            return camvid, skd_camvid
+    return None, None
+
+
+CAMVID, SKD_CAMVID = find_real_data()
+needs_real_data = pytest.mark.skipif(
+    CAMVID is None, reason="CamVid and SKD's CamVid students not found in "
+    + " nor in ".join(f"{camvid} and {skd_camvid}" for camvid, skd_camvid in REAL_DATA_PLACES))
 
 
 @pytest.fixture(scope="session")

@@ -355,6 +355,76 @@ def test_folder_unlabeled_and_with_label_root(tmp_path):
         pseudo[2]
 
 
+def make_own_data(root, count=7):
+    """Your own data: images/ (PNG and JPEG) and labels/ with the same stems, classes 0..2 and
+    the raw id 9 for pixels to ignore."""
+    for index in range(count):
+        write_image(os.path.join(root, "images", f"im{index}.{'jpg' if index % 2 else 'png'}"),
+                    fmt="JPEG" if index % 2 else None)
+        write_label(os.path.join(root, "labels", f"im{index}.png"), labelled([0, 1, 2, 9]),
+                    "P" if index % 2 else "L")
+    return root
+
+
+def test_own_labelled_folder_splits_by_list_or_by_a_fixed_rule(tmp_path):
+    root = make_own_data(str(tmp_path / "mine"))
+    classes = dict(class_names=["sky", "road", "car"], ignore_index=9)
+    # no lists: every fifth image (by name) is val, the others train; "" is every image
+    train = datasets.build_dataset("folder", root, "train", **classes)
+    val = datasets.build_dataset("folder", root, "val", **classes)
+    assert ids_of(train) == ["im0", "im1", "im2", "im3", "im5", "im6"] and ids_of(val) == ["im4"]
+    assert ids_of(datasets.build_dataset("folder", root, "", **classes)) == [f"im{i}" for i in range(7)]
+    assert val.class_names == ["sky", "road", "car"] and val.image_root == os.path.join(root, "images")
+    assert label_values(train, 1) == [0, 1, 2, 255]   # the JPEG's palette label; 9 ignored
+    # without classes: the images alone (as train.py --unlabeled-root reads them)
+    assert datasets.build_dataset("folder", root, "").label_paths == [None] * 7
+    # split lists: their order, names with or without suffix; then every split needs one
+    write_lines(os.path.join(root, "train.txt"), ["im6", "im0.png"])
+    assert ids_of(datasets.build_dataset("folder", root, "train", **classes)) == ["im6", "im0"]
+    with pytest.raises(FileNotFoundError, match=r"split 'val' not found: expected .*mine/val\.txt"):
+        datasets.build_dataset("folder", root, "val", **classes)
+    write_lines(os.path.join(root, "val.txt"), ["im4", "im8"])
+    with pytest.raises(ValueError, match=r"val\.txt: 1 listed images are not in .*images \(first: im8\)"):
+        datasets.build_dataset("folder", root, "val", **classes)
+
+
+def test_own_labelled_folder_errors_name_the_file(tmp_path):
+    root = make_own_data(str(tmp_path / "mine"), count=2)
+    with pytest.raises(ValueError, match=r"im1\.png contains ids \[9\]"):   # 9 not declared ignored
+        datasets.build_dataset("folder", root, "", class_names=["sky", "road", "car"])[1]
+    with pytest.raises(ValueError, match=r"ignore index 2 \(--ignore-index\): expected 255 or an id above"):
+        datasets.build_dataset("folder", root, "", class_names=["sky", "road", "car"], ignore_index=2)
+    os.remove(os.path.join(root, "labels", "im1.png"))
+    with pytest.raises(FileNotFoundError, match=r"no label for image .*im1\.jpg: expected .*labels/im1\.png"):
+        datasets.build_dataset("folder", root, "", class_names=["sky", "road", "car"])
+    write_image(os.path.join(root, "images", "im0.jpg"), fmt="JPEG")
+    with pytest.raises(ValueError, match=r"two images named im0 .*im0\.jpg and im0\.png"):
+        datasets.build_dataset("folder", root, "", class_names=["sky", "road", "car"])
+
+
+def test_class_names_file_text_and_json(tmp_path):
+    text = tmp_path / "classes.txt"
+    text.write_text("sky #80C0ff\n\ntraffic light\ncar #000000\n")
+    names, palette = datasets.read_class_names(str(text), num_classes=3)
+    assert names == ["sky", "traffic light", "car"]
+    assert palette == [(128, 192, 255), datasets.generated_palette(3)[1], (0, 0, 0)]   # no colour: generated
+    as_json = tmp_path / "classes.json"
+    as_json.write_text('["sky #80c0ff", "traffic light", "car #000000"]')
+    assert datasets.read_class_names(str(as_json)) == (names, palette)
+    for content, message in [("sky #80c0f\n", r"line 1: colour #80c0f is not #rrggbb"),
+                             ("sky\nroad\nsky\n", r"line 3: class 'sky' is named twice"),
+                             ("\n", "names no class"), ("#ffffff\n", "has a colour but no class name"),
+                             ('{"sky": 1}', "expected a JSON list of strings")]:
+        bad = tmp_path / ("bad.json" if content.startswith("{") else "bad.txt")
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            datasets.read_class_names(str(bad))
+    with pytest.raises(ValueError, match=r"classes\.txt names 3 classes; expected 4 \(--num-classes\)"):
+        datasets.read_class_names(str(text), num_classes=4)
+    with pytest.raises(FileNotFoundError, match="class names file not found: .*nothing.txt"):
+        datasets.read_class_names(str(tmp_path / "nothing.txt"))
+
+
 # ----------------------------------------------------------------------------------------------
 # clear errors: each message names the file
 
@@ -611,3 +681,22 @@ def test_make_camvid_small_keeps_the_layout_and_raw_ids(tmp_path):
     assert (small / "DONE").stat().st_mtime_ns == stamp
     with pytest.raises(FileNotFoundError, match="CamVid not found"):
         datasets.make_camvid_small(tmp_path / "nothing", tmp_path / "x")
+
+
+def test_real_data_is_read_from_the_repository_first_then_from_beside_it(tmp_path):
+    from conftest import find_real_data
+    places = [(tmp_path / "repo" / "data" / "camvid", tmp_path / "repo" / "data" / "skd_camvid"),
+              (tmp_path / "shared" / "data" / "CamVid", tmp_path / "shared" / "data" / "skd_camvid")]
+    assert find_real_data(places) == (None, None)   # the tests that read it skip
+
+    def fill(camvid, skd_camvid):
+        for split in ("train", "val", "test"):
+            (camvid / split).mkdir(parents=True, exist_ok=True)
+        (skd_camvid / "ESP").mkdir(parents=True)
+        (skd_camvid / "ESP" / "base_57.8.pth").touch()
+    fill(*places[1])
+    assert find_real_data(places) == places[1]
+    (places[0][0] / "train").mkdir(parents=True)   # a half-copied CamVid in the repository
+    assert find_real_data(places) == places[1]
+    fill(*places[0])
+    assert find_real_data(places) == places[0]

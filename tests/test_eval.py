@@ -16,7 +16,7 @@ import datasets
 import eval as evaluation
 import models
 import train
-from conftest import REPO, run_cli
+from conftest import CAMVID, REPO, SKD_CAMVID, needs_real_data, run_cli
 from test_datasets import make_voc, write_label
 
 
@@ -465,15 +465,10 @@ def test_published_checkpoint_evaluates_and_teaches(data_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Real data: CamVid and SKD's published CamVid students (../shared/data, which CI has).
-SHARED_DATA = REPO.parent / "shared" / "data"
-CAMVID, SKD_CAMVID = SHARED_DATA / "CamVid", SHARED_DATA / "skd_camvid"
-needs_camvid = pytest.mark.skipif(not (CAMVID / "test").is_dir() or not SKD_CAMVID.is_dir(),
-                                  reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA} "
-                                         "(the shared/ folder sits beside the repository)")
+# Real data: CamVid and SKD's published CamVid students (conftest.find_real_data).
 
 
-@needs_camvid
+@needs_real_data
 @pytest.mark.parametrize("file, official", [("ESP/SD+KD+CITY_65.1.pth", 65.13), ("esp-c/BASE56.7.pth", 56.75)])
 def test_skd_published_camvid_student_scores_its_published_miou(file, official, tmp_path):
     # The README's command on the whole 233-image test split. `official`: SKD's own model code and
@@ -486,7 +481,7 @@ def test_skd_published_camvid_student_scores_its_published_miou(file, official, 
     assert f"mIoU        {miou:.2f}" in r.stdout and "Bicyclist" in r.stdout
 
 
-@needs_camvid
+@needs_real_data
 def test_camvid_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     espnet = SKD_CAMVID / "ESP" / "base_57.8.pth"
     result = tmp_path / "result.json"
@@ -515,14 +510,14 @@ def test_camvid_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not result.exists()
 
 
-@needs_camvid
+@needs_real_data
 def test_espnet_class_count_other_than_the_datasets_is_refused(data_root, capsys):
     code, err = eval_main(capsys, "--checkpoint", SKD_CAMVID / "esp-c" / "KD58.7.pth", "--data-root", data_root,
                           "--device", "cpu")
     assert code == 2 and "checkpoint has 11 classes, the dataset has 8" in err, err
 
 
-@needs_camvid
+@needs_real_data
 def test_published_teacher_pseudo_labels_a_folder(tmp_path, capsys):
     # Zhu et al.'s offline labels from a published file (which names no dataset): class ids, with
     # generated colours for the pictures

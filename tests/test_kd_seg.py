@@ -1,7 +1,7 @@
 """kd_seg.py: the --quick smoke run of the whole demo pipeline, and its clear errors."""
 import json
 
-from conftest import run_cli
+from conftest import CAMVID, needs_real_data, run_cli
 
 
 def test_quick_demo_writes_table_report_and_pictures(tmp_path):
@@ -125,9 +125,7 @@ def imagenet_dir(tmp_path_factory):
     return folder
 
 
-# CamVid's recipes run on the real tree and SKD's published students (../shared/data, which CI has)
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-HAS_CAMVID = (SHARED_DATA / "CamVid" / "train").is_dir() and (SHARED_DATA / "skd_camvid").is_dir()
+# CamVid's recipes run on the real tree and SKD's published students (conftest.find_real_data)
 
 
 @pytest.mark.parametrize("recipe", sorted(kd_seg.RECIPES))
@@ -138,9 +136,9 @@ def test_every_recipe_runs_end_to_end_at_smoke_scale(recipe, tmp_path, imagenet_
     if dataset == "cityscapes":
         make_cityscapes(data)
     elif dataset == "camvid":
-        if not HAS_CAMVID:
-            pytest.skip(f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
-        data = SHARED_DATA / "CamVid"
+        if CAMVID is None:
+            pytest.skip(needs_real_data.kwargs["reason"])
+        data = CAMVID
     else:
         make_pascal_context(data)
         extra = ["--unlabeled-root", data / "unlabeled"]
@@ -347,7 +345,7 @@ def test_every_link_and_named_document_is_in_the_repository():
     assert links >= 10
 
 
-@pytest.mark.skipif(not HAS_CAMVID, reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
+@needs_real_data
 def test_camvid_setting_without_its_teacher_or_in_dry_run_writes_nothing(tmp_path):
     # a data root with no SKD files beside it: one line naming the file and where it comes from
     data = tmp_path / "data" / "CamVid"
@@ -355,7 +353,7 @@ def test_camvid_setting_without_its_teacher_or_in_dry_run_writes_nothing(tmp_pat
     r = run_cli("kd_seg.py", "--recipe", "camvid", "--data-root", data, "--out", tmp_path / "out")
     assert r.returncode == 2 and "SD+KD+CITY_65.1.pth" in r.stderr and "irfanICMLL" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    r = run_cli("kd_seg.py", "--recipe", "camvid", "--data-root", SHARED_DATA / "CamVid", "--dry-run",
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--data-root", CAMVID, "--dry-run",
                 "--out", tmp_path / "out")
     assert r.returncode == 0 and "a 180x240 copy of" in r.stdout and "labeled_1-8_seed4.txt" in r.stdout
     commands = [line for line in r.stdout.splitlines() if " python " in line]

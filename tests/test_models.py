@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
+from conftest import SKD_CAMVID, needs_real_data  # noqa: E402
 
 # torchvision_keys.json / torchvision_seg_keys.json: the names and shapes of torchvision's ImageNet
 # backbones and COCO segmentation models, as torchvision's state_dicts list them.
@@ -570,10 +571,7 @@ def test_torchvision_deeplabv3_matches_torchvision_itself():
 
 # ----------------------------------------------------------------------------------------------
 # ESPNet and ESPNet-C (Mehta et al. 2018), SKD's CamVid students.
-SKD_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skd_camvid"
-SKD_FILES = sorted(str(p.relative_to(SKD_CAMVID)) for p in SKD_CAMVID.glob("*/*.pth"))
-needs_skd = pytest.mark.skipif(not SKD_FILES, reason=f"SKD's published CamVid students not found in {SKD_CAMVID} "
-                                                     "(the shared/ folder sits beside the repository)")
+SKD_FILES = sorted(str(p.relative_to(SKD_CAMVID)) for p in SKD_CAMVID.glob("*/*.pth")) if SKD_CAMVID else []
 
 
 @pytest.mark.parametrize("name, classes, size, out_size", [
@@ -656,7 +654,7 @@ def espnet_reference(x, s, decoder):
     return F.conv_transpose2d(concat, s["classifier.weight"], stride=2)
 
 
-@needs_skd
+@needs_real_data
 @pytest.mark.parametrize("path", SKD_FILES)
 def test_skd_published_espnets_load_and_compute_the_official_forward(path):
     # Each of SKD's ten CamVid students (with or without DataParallel's `module.` prefix) is
@@ -676,7 +674,7 @@ def test_skd_published_espnets_load_and_compute_the_official_forward(path):
         torch.testing.assert_close(model(kd_seg_input)["out"], expected, rtol=1e-4, atol=1e-4)
 
 
-@needs_skd
+@needs_real_data
 def test_espnet_file_with_other_depths_or_without_classifier_is_refused(tmp_path):
     state = torch.load(SKD_CAMVID / "esp-c/BASE56.7.pth", map_location="cpu", weights_only=True)
     fewer = {k: v for k, v in state.items() if not k.startswith("level3.7.")}

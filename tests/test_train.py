@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import train
-from conftest import run_cli, train_args
+from conftest import CAMVID, SKD_CAMVID, needs_real_data, run_cli, train_args
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(data_root, tmp_path):
@@ -472,13 +472,8 @@ def test_read_only_folder_is_one_line(data_root, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# Real data: CamVid, SKD's published ESPNets as teachers (../shared/data, which CI has).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CAMVID, SKD_CAMVID = SHARED_DATA / "CamVid", SHARED_DATA / "skd_camvid"
-
-
-@pytest.mark.skipif(not (CAMVID / "train").is_dir() or not SKD_CAMVID.is_dir(),
-                    reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
+# Real data: CamVid, SKD's published ESPNets as teachers (conftest.find_real_data).
+@needs_real_data
 @pytest.mark.parametrize("student, terms", [
     ("espnet_c", ["--kd", "pixel=1,consistency=1,pairwise=0.5,holistic=0.1,imitation=0.01,cwd=3,cwd_feat=50,"
                   "unlabeled=1", "--imitation-warmup", "0"]),
