@@ -557,7 +557,8 @@ def load_checkpoint_dict(path):
     """The plain dict of a train.py checkpoint, read with `weights_only=True`: tensors, containers,
     numbers and strings only. A pickle can hold any object, and unpickling an object runs its
     `__reduce__`, so a downloaded file could otherwise run code; anything else (such an object, a
-    truncated or random file, a bare state_dict) is refused in one line naming the file."""
+    truncated or random file, a bare state_dict) is refused in one line naming the file and
+    saying which of these it is."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -567,9 +568,9 @@ def load_checkpoint_dict(path):
         if "GLOBAL" in str(e):
             raise ValueError(f"{path}: refused: it holds Python objects besides tensors, containers, "
                              "numbers and strings, and loading them could run code") from None
-        raise ValueError(f"{path}: not a kd-seg checkpoint (UnpicklingError)") from None
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise ValueError(f"{path}: not a kd-seg checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"{path}: truncated or corrupt checkpoint (torch.load cannot read it)") from None
+    except Exception:  # a truncated zip ("failed finding central directory"), random bytes, ...
+        raise ValueError(f"{path}: truncated or corrupt checkpoint (torch.load cannot read it)") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("args"), dict) and {"model", "num_classes"} <= set(ckpt["args"])):
         raise ValueError(f"{path}: not a kd-seg checkpoint (expected train.py's dict with 'model' "

@@ -141,7 +141,7 @@ def test_checkpoint_of_other_class_count_or_corrupt(teacher_checkpoint, tmp_path
         evaluation.load_checkpoint(teacher_checkpoint, expect_model="pspnet_resnet18")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(teacher_checkpoint.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a kd-seg checkpoint"):
+    with pytest.raises(ValueError, match="broken.pt: truncated or corrupt checkpoint"):
         evaluation.load_checkpoint(broken)
 
 
