@@ -198,6 +198,15 @@ def check_args(args):
     weights = parse_kd(args.kd)
     if weights and not args.teacher_checkpoint:
         raise ValueError("--kd needs --teacher-checkpoint")
+    # a teacher no term uses would be loaded and run every step for nothing, and the run would
+    # look distilled
+    if args.teacher_checkpoint and not weights:
+        raise ValueError(f"--teacher-checkpoint is used only by --kd terms, and none is given: add "
+                         f"--kd TERM=WEIGHT (terms: {', '.join(losses.TERMS)}), or leave the teacher out")
+    mgd_terms = sorted({"mgd_pixel", "mgd_image", "mgd_region"} & set(weights))
+    if args.wide_teacher_checkpoint and not mgd_terms:
+        raise ValueError("--wide-teacher-checkpoint is used only by MGD's terms: add --kd "
+                         "mgd_pixel=1,mgd_image=0.001,mgd_region=100 (MGD's weights), or leave it out")
     needs_unlabeled = {"unlabeled", "mgd_image", "mgd_region"} & set(weights)
     if needs_unlabeled and not args.unlabeled_root:
         raise ValueError(f"--kd {sorted(needs_unlabeled)[0]} needs --unlabeled-root")
