@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -736,14 +737,23 @@ RESUME_MAY_CHANGE = {"out", "resume", "stop_at", "iters", "device", "workers", "
 
 def resumed_args(args, given=None):
     """--resume continues with the arguments the run was started with. From the command line come
-    --out, --iters (to lengthen a finished run), --device, --workers and --keep-decoded; any other
+    --out, --iters (an unfinished run's new length; a finished run is not lengthened: its
+    learning rate has decayed to 0), --device, --workers and --keep-decoded; any other
     option given with a value other than the saved one is refused in one line naming it. `given`:
     the options on the command line (given_options); None (a call from Python): those that differ
     from the defaults."""
-    saved = evaluation.load_checkpoint_dict(Path(args.out) / "checkpoint.pt")["args"]
+    path = Path(args.out) / "checkpoint.pt"
+    ckpt = evaluation.load_checkpoint_dict(path)
+    saved = ckpt["args"]
     if given is None:
         defaults = vars(get_args_parser().parse_args([]))
         given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    if "iters" in given and args.iters > saved["iters"] and ckpt.get("step") == saved["iters"]:
+        # its poly learning rate has reached 0: continuing would raise it again part-way, a
+        # schedule neither run would have had (an unfinished run's --iters changes its decay instead)
+        raise ValueError(f"--iters {args.iters}: {path} finished its {saved['iters']} iterations and its "
+                         f"learning rate decayed to 0; a {args.iters}-iteration schedule is a new run: "
+                         + command_line(saved, iters=args.iters, out=f"{args.out}_{args.iters}"))
     differ = sorted(k for k in given - RESUME_MAY_CHANGE if saved.get(k) != getattr(args, k))
     if differ:
         raise ValueError("--resume continues the saved run; these options differ from it: "
@@ -754,6 +764,21 @@ def resumed_args(args, given=None):
               "stop_at": args.stop_at}
     merged.update({k: getattr(args, k) for k in given & (RESUME_MAY_CHANGE - {"out", "resume", "stop_at"})})
     return argparse.Namespace(**merged)
+
+
+def command_line(saved, **changes):
+    """The train.py command that starts a run with the options `saved` (a run's args) changed by
+    `changes`; options at their default are left out."""
+    defaults = vars(get_args_parser().parse_args([]))
+    words = ["python train.py"]
+    for name, value in {**saved, **changes}.items():
+        if name in ("resume", "stop_at") or name not in defaults or value is None or value is False \
+                or value == defaults[name]:
+            continue
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words += [shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value])]
+    return " ".join(words)
 
 
 def resume(path, state, args, rank):

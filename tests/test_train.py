@@ -472,6 +472,24 @@ def test_resume_applies_given_iters_refuses_other_changes_and_logs_each_iteratio
     assert metrics == [1, 2, 3]
 
 
+def test_lengthening_a_finished_run_is_refused_with_the_command_of_the_longer_run(data_root, tmp_path, capsys):
+    # a finished run's poly learning rate is 0; resuming it with a larger --iters used to raise
+    # it again part-way, silently. The refusal prints the new run's command, which must work.
+    import shlex
+    out = tmp_path / "run"
+    assert main(capsys, *tiny(data_root, out, "--imitation-warmup", 0, "--val-split", ""))[0] == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    code, err = main(capsys, "--out", out, "--resume", "--iters", 4)
+    assert code == 2 and "finished its 2 iterations" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    command = shlex.split(err.split("a new run: ", 1)[1])
+    assert command[:2] == ["python", "train.py"] and "--resume" not in command
+    assert main(capsys, *command[2:])[0] == 0
+    longer = torch.load(tmp_path / "run_4" / "checkpoint.pt", weights_only=True)
+    old = torch.load(out / "checkpoint.pt", weights_only=True)["args"]
+    assert longer["step"] == 4 and {k for k in old if old[k] != longer["args"][k]} == {"iters", "out"}
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_folder_is_one_line(data_root, tmp_path, capsys):
     locked = tmp_path / "read_only"
