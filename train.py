@@ -296,7 +296,8 @@ def run(args, weights, rank, world, resume_from):
         skipped, in_a_row = (skipped, 0) if finite else (skipped + 1, in_a_row + 1)
         check_divergence(skipped, in_a_row, done, args.iters)
         if rank == 0 and (done % args.log_every == 0 or done == args.iters):
-            log_progress(done, sums, logged, step_time, scheduler.get_last_lr()[0], args, world)
+            log_progress(done, sums, logged, step_time, scheduler.get_last_lr()[0], args, world,
+                         distiller.weight if distiller else None)
             sums, logged, step_time = {}, 0, time.perf_counter()
         last = done == args.iters
         if val_loader is not None and args.eval_every and done % args.eval_every == 0 and not last:
@@ -439,9 +440,11 @@ def check_divergence(skipped, in_a_row, done, iters):
 
 
 # ----------------------------------------------------------------------------- logs, validation, checkpoints
-def log_progress(done, sums, logged, window_start, lr, args, world):
+def log_progress(done, sums, logged, window_start, lr, args, world, weight=None):
     """The progress line of the last `logged` iterations (`sums`: their terms, summed), printed
-    and appended to <out>/log.jsonl."""
+    and appended to <out>/log.jsonl (the terms unweighted). The printed terms are weighted
+    (`weight`: losses.Distiller.weight), so they add up to the loss, with 3 significant digits,
+    so that a term at weight 0.001 still shows; "D" is SKD's discriminator loss, its own step's."""
     device = torch.device(args.device)
     per_it = (time.perf_counter() - window_start) / logged
     mean = {k: float(v) / logged for k, v in sums.items()}
@@ -451,10 +454,12 @@ def log_progress(done, sums, logged, window_start, lr, args, world):
     with open(Path(args.out) / "log.jsonl", "a") as f:
         f.write(json.dumps({"iter": done, **mean, "lr": lr, "s_per_it": per_it, "images_per_s": images_per_s,
                             **({} if peak_gb is None else {"peak_gpu_gb": peak_gb})}) + "\n")
-    detail = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
-    print(f"iter {done}/{args.iters} | loss {mean['loss']:.3f} ({detail}) | "
-          f"lr {lr:.2e} | {per_it:.3f} s/it, {images_per_s:.1f} img/s"
-          + (f", peak {peak_gb:.1f} GiB" if peak_gb is not None else "") + " | "
+    weight = weight or (lambda name: 1.0)  # no distiller: the task loss alone
+    terms = " + ".join(f"{k} {weight(k) * v:#.3g}" for k, v in mean.items() if k not in ("loss", "d"))
+    discriminator = f" | D {mean['d']:#.3g}" if "d" in mean else ""
+    peak = f", peak {peak_gb:.1f} GiB" if peak_gb is not None else ""
+    print(f"iter {done}/{args.iters} | loss {mean['loss']:#.3g} = {terms}{discriminator} | lr {lr:.2e} | "
+          f"{per_it:.3f} s/it, {images_per_s:.1f} img/s{peak} | "
           f"eta {evaluation.format_eta(per_it * (args.iters - done))}", flush=True)
 
 

@@ -313,6 +313,22 @@ def test_bad_option_values_one_line_naming_the_option(argv, option, data_root, t
     assert not out.exists()
 
 
+def test_log_line_shows_weighted_terms_that_add_up_to_the_loss(data_root, teacher_checkpoint, tmp_path, capsys):
+    # a term at weight 0.001 must be readable: printed weighted, with significant digits, not 0.000
+    out = tmp_path / "run"
+    argv = tiny(data_root, out, "--teacher-checkpoint", teacher_checkpoint, "--kd", "pixel=0.001,cwd=3",
+                "--log-every", 1, "--val-split", "")
+    assert train.main(list(map(str, argv))) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("iter 2/2 ")][-1]
+    total, terms = line.split(" | ")[1].removeprefix("loss ").split(" = ")
+    printed = {name: float(value) for name, value in (term.split() for term in terms.split(" + "))}
+    raw = read_log(out)[-1]  # log.jsonl: unweighted
+    assert printed["ce"] == pytest.approx(raw["ce"], rel=5e-3)
+    assert printed["pixel"] == pytest.approx(0.001 * raw["pixel"], rel=5e-3) and printed["pixel"] > 0
+    assert printed["cwd"] == pytest.approx(3 * raw["cwd"], rel=5e-3)
+    assert sum(printed.values()) == pytest.approx(float(total), rel=1e-2)
+
+
 def test_a_teacher_no_term_uses_is_refused_with_the_fix(data_root, teacher_checkpoint, tmp_path, capsys):
     # without this, the run trains the student alone while loading (and running) the teacher
     out = tmp_path / "run"
