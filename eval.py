@@ -378,15 +378,20 @@ def plot_diagnostics(rows, path, size=(420, 300)):
 # ----------------------------------------------------------------------------- command line
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a kd-seg checkpoint: mIoU, FPS, PNGs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint written by train.py")
-    p.add_argument("--model", help="model name (default: the checkpoint's; FPS-only without one)")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint written by train.py, or a published file "
+                   "(docs/PUBLISHED.md)")
+    p.add_argument("--model", help=f"{models.MODEL_NAMES_HELP} (default: the checkpoint's; "
+                   "FPS-only without one)")
     p.add_argument("--num-classes", type=int, help="class count for --model without checkpoint")
-    p.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
+    p.add_argument("--dataset", default="synthetic",
+                   help=f"one of {', '.join(sorted(datasets.DATASETS))} (docs/DATASETS.md), or folder: "
+                        "any image folder, predictions only")
     p.add_argument("--data-root", help="dataset root folder")
     p.add_argument("--split", help="split to evaluate (default: val; with --dataset folder: the "
                                    "--data-root folder itself)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (the default: cuda where there is one)")
     p.add_argument("--amp", default="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
@@ -394,8 +399,9 @@ def get_args_parser():
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"),
                    help="sliding-window inference with this window (1/3 overlap), e.g. 1024 1024 "
                         "for full-resolution Cityscapes")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward (1: images of different sizes never need padding)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (decoding overlaps inference)")
     p.add_argument("--save-pred", metavar="DIR", help="write palette/confidence/colour PNGs")
     p.add_argument("--submission", metavar="DIR",
                    help="write the official submission files (Cityscapes labelIds, ADE20K ids "
@@ -403,10 +409,12 @@ def get_args_parser():
     p.add_argument("--threshold", type=float, default=0.0,
                    help="with --save-pred: pixels below this confidence become 255 (ignore)")
     p.add_argument("--fps", action="store_true", help="measure FPS (docs/DATASETS.md protocol)")
-    p.add_argument("--fps-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    p.add_argument("--fps-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                   help="input size of the FPS and GMACs measurement (docs/DATASETS.md's protocol)")
     p.add_argument("--fps-iters", type=int, default=200, help="timed iterations (protocol: 200)")
     p.add_argument("--fps-seconds", type=float, default=5.0, help="or at least this long")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's, "
+                   "one per core); 1 when several jobs share the cores (README)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -520,7 +528,17 @@ def main(args):
 # part on a first reading.
 
 
-# --- option checks
+# --- help and option checks
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default said once: argparse's "(default: X)" is added unless the help
+    already says "default: ..." or the option has none (None, or False for a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def check_number(option, value, low=0, high=math.inf, low_open=False, high_open=False):
     """Refuse in one line naming `option` a value that is NaN, infinite or outside [low, high]
     (open ends where asked). `value <= 0` alone would let NaN through: every comparison with NaN

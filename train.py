@@ -55,11 +55,13 @@ import models
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train a segmentation model, optionally distilled.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=evaluation.HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
-    g.add_argument("--data-root", default="data/synthetic", help="dataset root folder")
-    g.add_argument("--train-split", default="train")
+    g.add_argument("--dataset", default="synthetic",
+                   help=f"one of {', '.join(sorted(datasets.DATASETS))} (layouts: docs/DATASETS.md)")
+    g.add_argument("--data-root", default="data/synthetic",
+                   help="dataset root folder (kd_seg.py makes data/synthetic)")
+    g.add_argument("--train-split", default="train", help="split to train on")
     g.add_argument("--train-subset", metavar="FILE",
                    help="train on the listed images of the split only: a label partition (MGD's "
                         "1/16; CPS's train_aug_labeled_1-16.txt or the one kd_seg.py writes)")
@@ -76,29 +78,34 @@ def get_args_parser():
                    help="hold each training image and label in memory once decoded (in every loader "
                         "process): for data that fits, e.g. CamVid, 60 MB at 180x240; not Cityscapes")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", default="deeplabv3plus_mobilenetv2_tiny", help="see models.MODEL_NAMES")
-    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
+    g.add_argument("--model", default="deeplabv3plus_mobilenetv2_tiny",
+                   help=f"{models.MODEL_NAMES_HELP} (the demo's student)")
+    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32],
+                   help="input size / feature size of the backbone (8: DeepLab's and the papers')")
     g.add_argument("--pretrained", help="ImageNet backbone checkpoint (file or URL): torchvision's; mmcv's "
                    "resnet*_v1c for *_v1c models; CIRKD's resnet*-imagenet.pth for *_v1s models")
     g.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary head's CE (PSPNet uses 0.4); 0: no aux head")
     g.add_argument("--ohem", type=float, default=0.0,
                    help="OHEM CE threshold for the task loss (MGD's Cityscapes code: 0.7); 0: plain CE")
-    g.add_argument("--iters", type=int, default=600)
-    g.add_argument("--batch-size", type=int, default=16, help="per process")
+    g.add_argument("--iters", type=int, default=600, help="training iterations (the demo's student's)")
+    g.add_argument("--batch-size", type=int, default=16, help="images per step, per process")
     g.add_argument("--accumulate", type=int, default=1, metavar="K",
                    help="gradient accumulation: K batches per optimiser step (effective batch: "
                         "batch-size x processes x K), for papers' batches that do not fit memory")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                    help="SGD with momentum (the DeepLab / PSPNet papers); Adam (ESPNet's own training, "
                         "and small networks from scratch)")
-    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=0.05, help="base learning rate (the demo's, with SGD)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Adam: its default betas)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (DeepLab's)")
     g.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/iters)^power")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
     g = p.add_argument_group("device")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (the default: cuda where there is one)")
+    g.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's, "
+                   "one per core); 1 when several jobs share the cores (README)")
     g.add_argument("--amp", default="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="autocast on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
@@ -107,7 +114,8 @@ def get_args_parser():
     g.add_argument("--teacher-checkpoint", help="frozen teacher: a train.py checkpoint, or a published "
                    "torchvision / mmsegmentation / CIRKD file (docs/PUBLISHED.md)")
     g.add_argument("--wide-teacher-checkpoint", help="MGD's second, wide teacher")
-    g.add_argument("--kd", default="", help="term=weight,... with terms from losses.TERMS")
+    g.add_argument("--kd", default="", help=f"TERM=WEIGHT,... with TERM one of {', '.join(losses.TERMS)} "
+                   "(docs/METHODS.md); default: none, the student alone")
     g.add_argument("--tau", type=float, default=1.0, help="temperature of pixel_kd (Xie/SKD: 1)")
     g.add_argument("--cwd-tau", type=float, default=4.0, help="temperature of cwd (Shu et al.: 4)")
     g.add_argument("--pairwise-scale", type=float, default=0.5,
@@ -134,13 +142,15 @@ def get_args_parser():
                    help="Zhu et al.: fraction of samples drawn uniformly over classes (0: off)")
     g.add_argument("--coarse2fine", type=float, default=0.0, metavar="FRACTION",
                    help="Zhu et al. fast schedule: first FRACTION of iterations at --small-crop")
-    g.add_argument("--small-crop", type=int, nargs=2, default=[32, 32], metavar=("H", "W"))
+    g.add_argument("--small-crop", type=int, nargs=2, default=[32, 32], metavar=("H", "W"),
+                   help="the crop of --coarse2fine's first iterations (half the synthetic images)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", default="runs/train", help="output folder")
     g.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt")
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
-    g.add_argument("--checkpoint-every", type=int, default=200)
+    g.add_argument("--log-every", type=int, default=50, help="iterations per progress line")
+    g.add_argument("--eval-every", type=int, default=0, help="iterations per validation (0: only at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=200,
+                   help="iterations per checkpoint (an interruption loses at most these)")
     g.add_argument("--stop-at", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
     return p
 
@@ -169,7 +179,7 @@ def check_args(args):
     """Every option checked before any work: one line naming the first bad one."""
     check = evaluation.check_number
     for name in ("iters", "batch_size", "accumulate", "log_every", "checkpoint_every", "d_width",
-                 "unlabeled_batch_size", "pairwise_kernel"):
+                 "unlabeled_batch_size", "pairwise_kernel", "threads"):
         if getattr(args, name) is not None:
             check(f"--{name.replace('_', '-')}", getattr(args, name), low_open=True)
     for name in ("crop_size", "small_crop"):
@@ -195,7 +205,7 @@ def check_args(args):
     if args.sync_bn and not args.device.startswith("cuda"):
         raise ValueError("--sync-bn needs --device cuda (torch's SyncBatchNorm has no CPU kernel)")
     if args.model not in models.MODEL_NAMES:
-        raise ValueError(f"--model: unknown model '{args.model}'; known: {', '.join(models.MODEL_NAMES)}")
+        raise ValueError(f"--model: unknown model '{args.model}'; expected {models.MODEL_NAMES_HELP}")
     weights = parse_kd(args.kd)
     if weights and not args.teacher_checkpoint:
         raise ValueError("--kd needs --teacher-checkpoint")
@@ -228,6 +238,8 @@ def train(args, given=None):
         if resume_from is not None:
             args = resumed_args(args, given)
         weights = check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         rank, world = setup_distributed(args)
         created = not Path(args.out).exists()
         try:
@@ -737,7 +749,7 @@ def given_options(argv):
 
 
 # where the run is computed, not what: a resumed run may move to another device or loader
-RESUME_MAY_CHANGE = {"out", "resume", "stop_at", "iters", "device", "workers", "keep_decoded"}
+RESUME_MAY_CHANGE = {"out", "resume", "stop_at", "iters", "device", "threads", "workers", "keep_decoded"}
 
 
 def resumed_args(args, given=None):

@@ -303,7 +303,7 @@ def test_resume_from_a_broken_checkpoint_is_one_line(content, data_root, teacher
     (["--small-crop", "0", "8"], "--small-crop"), (["--d-width", "0"], "--d-width"),
     (["--lambda-gp", "-1"], "--lambda-gp"), (["--momentum", "nan"], "--momentum"),
     (["--centroid-sampling", "nan"], "--centroid-sampling"), (["--device", "nonsense"], "--device"),
-    (["--seed", "-1"], "--seed"),
+    (["--seed", "-1"], "--seed"), (["--threads", "0"], "--threads"),
 ] + ([(["--device", "cuda"], "--device cuda")] if not torch.cuda.is_available() else []))
 def test_bad_option_values_one_line_naming_the_option(argv, option, data_root, teacher_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
@@ -311,6 +311,39 @@ def test_bad_option_values_one_line_naming_the_option(argv, option, data_root, t
     code, err = main(capsys, *tiny(data_root, out, *teacher), *argv)
     assert code == 2 and option in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_help_says_each_default_once_and_lists_models_datasets_and_terms(script):
+    import argparse
+    import re
+    import datasets
+    import eval as evaluation
+    import losses
+    import models
+    parser = (train if script == "train" else evaluation).get_args_parser()
+    text = parser.format_help()
+    entries = {" ".join(e.split()).split()[0]: " ".join(e.split()) for e in re.split(r"\n(?=  -)", text)[1:]}
+    for action in parser._actions:
+        if argparse.SUPPRESS in (action.default, action.help):  # --help, and a flag for tests
+            continue
+        entry = entries[action.option_strings[0]]
+        assert entry.count("default:") <= 1 and "(default: None)" not in entry, entry
+        assert "(default: False)" not in entry, entry
+        if action.default is not None and action.default is not False:  # a default: said once
+            assert entry.count("default:") == 1, entry
+    names = [*models.HEADS, *models.BACKBONES, *models.ESPNETS, *datasets.DATASETS]
+    names += list(losses.TERMS) if script == "train" else []
+    flat = " ".join(text.split())
+    assert all(re.search(rf"\b{name}\b", flat) for name in names), [n for n in names if n not in flat]
+    assert len(max(text.splitlines(), key=len)) < 100  # no 2,000-character list
+
+
+def test_threads_sets_torchs_cpu_threads(data_root, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(capsys, *tiny(data_root, tmp_path / "run", "--threads", 1, "--val-split", ""))[0] == 0
+    assert calls == [1]
 
 
 def test_log_line_shows_weighted_terms_that_add_up_to_the_loss(data_root, teacher_checkpoint, tmp_path, capsys):
