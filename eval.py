@@ -20,6 +20,12 @@ speed and size, prediction PNGs and submission files, pseudo-label diagnostics, 
 then, in a section of their own, the operational helpers that train.py and kd_seg.py share
 (option checks, safe checkpoint loading, output-folder locks, one-line errors).
 
+A train.py checkpoint knows its data: without --dataset, eval.py scores its dataset, with its class
+names. The per-class table is printed and, for a checkpoint in a train.py run folder (its args.json
+beside it), written there as `eval_<split>.md` and `eval_<split>.json` (classes keyed by name;
+--json FILE: there instead, the table beside it); a file there that eval.py did not write is never
+overwritten. An evaluation longer than 5 s prints progress with an ETA.
+
 mIoU comes from one confusion matrix (one `bincount`) accumulated over the whole split at the
 label's own resolution (logits are upsampled, labels never downsampled). Classes that never
 occur (neither in the labels nor in the predictions) are left out of the mean instead of
@@ -110,6 +116,17 @@ def format_table(metrics, class_names):
     return "\n".join(lines)
 
 
+def markdown_table(metrics, class_names):
+    """The same table in markdown: IoU and accuracy per class (percent), then mIoU and pixel accuracy."""
+    cell = lambda value: "-" if value is None else f"{100 * value:.1f}"  # a class that never occurs: -
+    lines = ["| class | IoU | accuracy |", "|---|---:|---:|"]
+    lines += [f"| {name} | {cell(iou)} | {cell(acc)} |"
+              for name, iou, acc in zip(class_names, metrics["iou"], metrics["class_acc"])]
+    lines.append(f"| **mIoU** | **{100 * metrics['miou']:.2f}** | |")
+    lines.append(f"| pixel accuracy | | {cell(metrics['acc'])} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- inference
 def autocast_context(device, amp):
     """`amp` in off/auto/bf16/fp16 -> (context manager, dtype or None). AMP is CUDA only here:
@@ -157,16 +174,25 @@ def predict(model, images, size, scales=(1.0,), flip=False, window=None):
     return probs / (len(scales) * (2 if flip else 1))
 
 
-def evaluate(model, loader, device, num_classes, amp="off", scales=(1.0,), flip=False, window=None):
-    """mIoU etc. of `model` over `loader` (batches of full-resolution (image, label))."""
+def evaluate(model, loader, device, num_classes, amp="off", scales=(1.0,), flip=False, window=None,
+             progress=None, log_seconds=5.0):
+    """mIoU etc. of `model` over `loader` (batches of full-resolution (image, label)). With
+    `progress` (a label), a line with an ETA every `log_seconds`: a long evaluation is never silent."""
     model.eval()
     confusion = ConfusionMatrix(num_classes, device)
     autocast, _ = autocast_context(device, amp)
+    start = last_line = time.perf_counter()
+    done, total = 0, len(loader.dataset)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with autocast:
             probs = predict(model, images, labels.shape[-2:], scales, flip, window)
         confusion.update(probs.argmax(1), labels)
+        done, now = done + len(images), time.perf_counter()
+        if progress and now - last_line >= log_seconds:
+            last_line, per_image = now, (now - start) / done
+            print(f"{progress} {done}/{total} | {per_image:.3f} s/img | "
+                  f"eta {format_eta(per_image * (total - done))}", flush=True)
     confusion.all_reduce()
     return confusion.compute()
 
@@ -384,9 +410,10 @@ def get_args_parser():
     p.add_argument("--model", help=f"{models.MODEL_NAMES_HELP} (default: the checkpoint's; "
                    "FPS-only without one)")
     p.add_argument("--num-classes", type=int, help="class count for --model without checkpoint")
-    p.add_argument("--dataset", default="synthetic",
+    p.add_argument("--dataset",
                    help=f"one of {', '.join(sorted(datasets.DATASETS))} (docs/DATASETS.md), or folder: "
-                        "any image folder, predictions only")
+                        "any image folder, predictions only (default: a train.py checkpoint's dataset, "
+                        "else synthetic)")
     p.add_argument("--data-root", help="dataset root folder")
     p.add_argument("--split", help="split to evaluate (default: val; with --dataset folder: the "
                                    "--data-root folder itself)")
@@ -415,7 +442,10 @@ def get_args_parser():
     p.add_argument("--fps-seconds", type=float, default=5.0, help="or at least this long")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's, "
                    "one per core); 1 when several jobs share the cores (README)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the results here as JSON, and the per-class table beside it as .md "
+                        "(default: eval_<split>.json and .md in the train.py run folder that holds "
+                        "--checkpoint; none for another file)")
     return p
 
 
@@ -442,26 +472,32 @@ def check_args(args):
         raise ValueError("--model without --checkpoint needs a positive --num-classes")
     if (args.save_pred or not args.fps) and args.data_root is None and args.checkpoint:
         raise ValueError("--data-root is required to evaluate or save predictions")
-    if args.submission and (args.data_root is None or args.dataset not in datasets.SUBMISSION_IDS):
+    if args.submission and (args.data_root is None or args.dataset not in (None, *datasets.SUBMISSION_IDS)):
         raise ValueError(f"--submission needs --data-root and --dataset one of "
                          f"{sorted(datasets.SUBMISSION_IDS)}")
 
 
 def main(args):
     check_args(args)
-    if args.split is None:
-        args.split = "" if args.dataset == "folder" else "val"
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
     dataset = None
-    if args.data_root and args.dataset != "folder":
-        dataset = datasets.build_dataset(args.dataset, args.data_root, args.split)
     if args.checkpoint:
-        model, ckpt = load_checkpoint(args.checkpoint, args.device, args.model,
-                                      dataset.num_classes if dataset else None)
+        model, ckpt = load_checkpoint(args.checkpoint, args.device, args.model)
     else:
         model, ckpt = models.build_model(args.model, args.num_classes).to(args.device).eval(), None
+    # a train.py checkpoint knows its data: its dataset, so its class count and names (a published
+    # file names none)
+    args.dataset = args.dataset or (ckpt["args"].get("dataset", "synthetic") if ckpt else "synthetic")
+    run_dir = run_folder(args.checkpoint, ckpt)
+    if args.split is None:
+        args.split = "" if args.dataset == "folder" else "val"
+    if args.data_root and args.dataset != "folder":
+        dataset = datasets.build_dataset(args.dataset, args.data_root, args.split)
+        if dataset.num_classes != model.num_classes:
+            source = f"{args.checkpoint}: checkpoint" if args.checkpoint else f"--model {args.model}"
+            raise ValueError(f"{source} has {model.num_classes} classes, the dataset has {dataset.num_classes}")
     if args.data_root and args.dataset == "folder":
         # any image folder (pseudo labels): class names and palette of the checkpoint's dataset
         dataset = datasets.build_dataset("folder", args.data_root, args.split,
@@ -472,6 +508,16 @@ def main(args):
         if not ckpt:  # a published file names no dataset: class ids as names, generated colours
             dataset.class_names = [str(c) for c in range(model.num_classes)]
             dataset.num_classes, dataset.palette = model.num_classes, datasets.generated_palette(model.num_classes)
+        if not args.save_pred and run_dir is None:
+            raise ValueError(f"--dataset folder: {args.data_root} holds images without labels, so there is "
+                             "no mIoU, only predictions to write: give --save-pred DIR")
+        args.save_pred = args.save_pred or str(run_dir / f"pred_{Path(args.data_root, args.split).name}")
+        print(f"{args.data_root}: {len(dataset)} images without labels: predictions only (no mIoU), "
+              f"written to {args.save_pred}")
+    scored = dataset is not None and args.dataset != "folder"
+    json_path = args.json or (run_dir / f"eval_{args.split}.json" if run_dir and scored else None)
+    for path in [Path(json_path), Path(json_path).with_suffix(".md")] if json_path else []:
+        refuse_foreign_results(path)  # before the work, not after it
     if args.window and min(args.window) < 2 * model.output_stride:
         # a window the network's coarsest feature map would cover with a single cell: it runs,
         # and its scores are garbage
@@ -496,13 +542,15 @@ def main(args):
                  "split": args.split}
         save_submission(model, dataset, args.dataset, args.submission, args.device, args.amp,
                         args.scales, args.flip, args.window, owner)
-    if dataset is not None and args.dataset != "folder":
+    if scored:
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                              num_workers=args.workers)
         metrics = evaluate(model, loader, args.device, dataset.num_classes, args.amp,
-                           args.scales, args.flip, args.window)
+                           args.scales, args.flip, args.window, progress=f"evaluating {args.split}")
         print(format_table(metrics, dataset.class_names))
         results["metrics"] = metrics
+        results["classes"] = {name: {"iou": iou, "acc": acc} for name, iou, acc in
+                              zip(dataset.class_names, metrics["iou"], metrics["class_acc"])}
     if args.fps:
         size = tuple(args.fps_size)
         # costs of the network as deployed: no auxiliary head (models.py: it runs in training only)
@@ -516,9 +564,43 @@ def main(args):
               f"{size[0]}x{size[1]} | {f['fps']:.1f} FPS ({f['latency_ms']:.2f} ms, {f['iters']} "
               f"iters) | {f['device']} | {f['dtype']} | torch {f['torch']} | upsample+argmax "
               f"included")
-    if args.json:
-        datasets.write_atomic(args.json, json.dumps(results, indent=1))
+    if json_path:
+        table = markdown_table(results["metrics"], dataset.class_names) if "metrics" in results else None
+        write_results(json_path, results, table, args)
     return results
+
+
+def run_folder(checkpoint, ckpt):
+    """The train.py run folder holding `checkpoint` (its args.json beside it), where eval.py keeps
+    its results by default; None for any other file (a published one, a copy elsewhere): eval.py
+    never writes into a folder it cannot tell is a kd-seg run's."""
+    folder = Path(checkpoint).parent if ckpt is not None else None
+    return folder if folder is not None and (folder / "args.json").is_file() else None
+
+
+WRITTEN_BY = "written by eval.py"
+
+
+def refuse_foreign_results(path):
+    """Refuse in one line to write over `path` when it holds a file eval.py did not write (eval.py's
+    say so at their top): never overwrite results this command did not produce."""
+    if Path(path).exists() and WRITTEN_BY not in Path(path).read_text(errors="replace")[:200]:
+        raise ValueError(f"{path}: holds a file eval.py did not write; give --json another file name")
+
+
+def write_results(json_path, results, table, args):
+    """`results` as JSON at `json_path` and, given, the per-class `table` (markdown) beside it as
+    .md, each atomically; a file there that eval.py did not write (it says so at its top) is
+    refused, never overwritten."""
+    json_path = Path(json_path)
+    note = f"{WRITTEN_BY}: {args.checkpoint or args.model} on {args.dataset} {args.split} ({args.data_root})"
+    files = {json_path: json.dumps({"note": note, **results}, indent=1)}
+    if table:
+        files[json_path.with_suffix(".md")] = f"<!-- {note} -->\n\n{table}\n"
+    for path, text in files.items():
+        refuse_foreign_results(path)
+        datasets.write_atomic(path, text)
+    print(f"results: {', '.join(map(str, files))}")
 
 
 # =============================================================================================
