@@ -785,6 +785,10 @@ def read_class_names(path, num_classes=None):
 
 
 def _synthetic_files(root, split):
+    if not os.path.isfile(os.path.join(root, "DONE")) and os.path.isdir(root) and os.listdir(root):
+        # another dataset's folder given without its name: never advise writing the benchmark there
+        raise FileNotFoundError(f"{root}: not the synthetic benchmark (no DONE file); for another "
+                                f"dataset, name it: one of {sorted(DATASETS)}")
     if not os.path.isfile(os.path.join(root, "DONE")):
         raise FileNotFoundError(f"synthetic data not found (or half written) at {root}: expected "
                                 f"{os.path.join(root, 'DONE')}; run datasets.make_synthetic({root!r})")

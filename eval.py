@@ -20,6 +20,12 @@ speed and size, prediction PNGs and submission files, pseudo-label diagnostics, 
 then, in a section of their own, the operational helpers that train.py and kd_seg.py share
 (option checks, safe checkpoint loading, output-folder locks, one-line errors).
 
+A train.py checkpoint knows its data: without --dataset, eval.py scores its dataset, with its class
+names. The per-class table is printed and, for a checkpoint in a train.py run folder (its args.json
+beside it), written there as `eval_<split>.md` and `eval_<split>.json` (classes keyed by name;
+--json FILE: there instead, the table beside it); a file there that eval.py did not write is never
+overwritten. An evaluation longer than 5 s prints progress with an ETA.
+
 mIoU comes from one confusion matrix (one `bincount`) accumulated over the whole split at the
 label's own resolution (logits are upsampled, labels never downsampled). Classes that never
 occur (neither in the labels nor in the predictions) are left out of the mean instead of
@@ -110,6 +116,17 @@ def format_table(metrics, class_names):
     return "\n".join(lines)
 
 
+def markdown_table(metrics, class_names):
+    """The same table in markdown: IoU and accuracy per class (percent), then mIoU and pixel accuracy."""
+    cell = lambda value: "-" if value is None else f"{100 * value:.1f}"  # a class that never occurs: -
+    lines = ["| class | IoU | accuracy |", "|---|---:|---:|"]
+    lines += [f"| {name} | {cell(iou)} | {cell(acc)} |"
+              for name, iou, acc in zip(class_names, metrics["iou"], metrics["class_acc"])]
+    lines.append(f"| **mIoU** | **{100 * metrics['miou']:.2f}** | |")
+    lines.append(f"| pixel accuracy | | {cell(metrics['acc'])} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- inference
 def autocast_context(device, amp):
     """`amp` in off/auto/bf16/fp16 -> (context manager, dtype or None). AMP is CUDA only here:
@@ -157,16 +174,25 @@ def predict(model, images, size, scales=(1.0,), flip=False, window=None):
     return probs / (len(scales) * (2 if flip else 1))
 
 
-def evaluate(model, loader, device, num_classes, amp="off", scales=(1.0,), flip=False, window=None):
-    """mIoU etc. of `model` over `loader` (batches of full-resolution (image, label))."""
+def evaluate(model, loader, device, num_classes, amp="off", scales=(1.0,), flip=False, window=None,
+             progress=None, log_seconds=5.0):
+    """mIoU etc. of `model` over `loader` (batches of full-resolution (image, label)). With
+    `progress` (a label), a line with an ETA every `log_seconds`: a long evaluation is never silent."""
     model.eval()
     confusion = ConfusionMatrix(num_classes, device)
     autocast, _ = autocast_context(device, amp)
+    start = last_line = time.perf_counter()
+    done, total = 0, len(loader.dataset)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with autocast:
             probs = predict(model, images, labels.shape[-2:], scales, flip, window)
         confusion.update(probs.argmax(1), labels)
+        done, now = done + len(images), time.perf_counter()
+        if progress and now - last_line >= log_seconds:
+            last_line, per_image = now, (now - start) / done
+            print(f"{progress} {done}/{total} | {per_image:.3f} s/img | "
+                  f"eta {format_eta(per_image * (total - done))}", flush=True)
     confusion.all_reduce()
     return confusion.compute()
 
@@ -378,11 +404,16 @@ def plot_diagnostics(rows, path, size=(420, 300)):
 # ----------------------------------------------------------------------------- command line
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a kd-seg checkpoint: mIoU, FPS, PNGs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint written by train.py")
-    p.add_argument("--model", help="model name (default: the checkpoint's; FPS-only without one)")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint written by train.py, or a published file "
+                   "(docs/PUBLISHED.md)")
+    p.add_argument("--model", help=f"{models.MODEL_NAMES_HELP} (default: the checkpoint's; "
+                   "FPS-only without one)")
     p.add_argument("--num-classes", type=int, help="class count for --model without checkpoint")
-    p.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
+    p.add_argument("--dataset",
+                   help=f"one of {', '.join(sorted(datasets.DATASETS))} (docs/DATASETS.md), or folder: "
+                        "any image folder, predictions only (default: a train.py checkpoint's dataset, "
+                        "else synthetic)")
     p.add_argument("--data-root", help="dataset root folder")
     p.add_argument("--split", help="split to evaluate (default: val; with --dataset folder: val of "
                                    "your own labelled data, else the --data-root folder itself)")
@@ -391,7 +422,8 @@ def get_args_parser():
                         "(default: the checkpoint's)")
     p.add_argument("--ignore-index", type=int,
                    help="--dataset folder: the label id not scored (default: the checkpoint's, else 255)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (the default: cuda where there is one)")
     p.add_argument("--amp", default="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
@@ -399,8 +431,9 @@ def get_args_parser():
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"),
                    help="sliding-window inference with this window (1/3 overlap), e.g. 1024 1024 "
                         "for full-resolution Cityscapes")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward (1: images of different sizes never need padding)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (decoding overlaps inference)")
     p.add_argument("--save-pred", metavar="DIR", help="write palette/confidence/colour PNGs")
     p.add_argument("--submission", metavar="DIR",
                    help="write the official submission files (Cityscapes labelIds, ADE20K ids "
@@ -408,11 +441,16 @@ def get_args_parser():
     p.add_argument("--threshold", type=float, default=0.0,
                    help="with --save-pred: pixels below this confidence become 255 (ignore)")
     p.add_argument("--fps", action="store_true", help="measure FPS (docs/DATASETS.md protocol)")
-    p.add_argument("--fps-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    p.add_argument("--fps-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                   help="input size of the FPS and GMACs measurement (docs/DATASETS.md's protocol)")
     p.add_argument("--fps-iters", type=int, default=200, help="timed iterations (protocol: 200)")
     p.add_argument("--fps-seconds", type=float, default=5.0, help="or at least this long")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's, "
+                   "one per core); 1 when several jobs share the cores (README)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the results here as JSON, and the per-class table beside it as .md "
+                        "(default: eval_<split>.json and .md in the train.py run folder that holds "
+                        "--checkpoint; none for another file)")
     return p
 
 
@@ -439,32 +477,38 @@ def check_args(args):
         raise ValueError("--model without --checkpoint needs a positive --num-classes")
     if (args.save_pred or not args.fps) and args.data_root is None and args.checkpoint:
         raise ValueError("--data-root is required to evaluate or save predictions")
-    if args.dataset != "folder" and (args.class_names or args.ignore_index is not None):
+    if args.dataset not in (None, "folder") and (args.class_names or args.ignore_index is not None):
         raise ValueError(f"--class-names and --ignore-index are for --dataset folder (your own data); "
                          f"{args.dataset} has its own classes and ignored ids")
     if args.ignore_index is not None:
         check_number("--ignore-index", args.ignore_index, 0, 255)
-    if args.submission and (args.data_root is None or args.dataset not in datasets.SUBMISSION_IDS):
+    if args.submission and (args.data_root is None or args.dataset not in (None, *datasets.SUBMISSION_IDS)):
         raise ValueError(f"--submission needs --data-root and --dataset one of "
                          f"{sorted(datasets.SUBMISSION_IDS)}")
 
 
 def main(args):
     check_args(args)
-    if args.split is None:  # a tree of images is read whole; labelled data is scored on val
-        image_tree = args.dataset == "folder" and not datasets.is_labelled_folder(args.data_root or "")
-        args.split = "" if image_tree else "val"
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
     dataset = None
-    if args.data_root and args.dataset != "folder":
-        dataset = datasets.build_dataset(args.dataset, args.data_root, args.split)
     if args.checkpoint:
-        model, ckpt = load_checkpoint(args.checkpoint, args.device, args.model,
-                                      dataset.num_classes if dataset else None)
+        model, ckpt = load_checkpoint(args.checkpoint, args.device, args.model)
     else:
         model, ckpt = models.build_model(args.model, args.num_classes).to(args.device).eval(), None
+    # a train.py checkpoint knows its data: its dataset, so its class count and names (a published
+    # file names none)
+    args.dataset = args.dataset or (ckpt["args"].get("dataset", "synthetic") if ckpt else "synthetic")
+    run_dir = run_folder(args.checkpoint, ckpt)
+    if args.split is None:  # a tree of images is read whole; labelled data is scored on val
+        image_tree = args.dataset == "folder" and not datasets.is_labelled_folder(args.data_root or "")
+        args.split = "" if image_tree else "val"
+    if args.data_root and args.dataset != "folder":
+        dataset = datasets.build_dataset(args.dataset, args.data_root, args.split)
+        if dataset.num_classes != model.num_classes:
+            source = f"{args.checkpoint}: checkpoint" if args.checkpoint else f"--model {args.model}"
+            raise ValueError(f"{source} has {model.num_classes} classes, the dataset has {dataset.num_classes}")
     if args.data_root and args.dataset == "folder":
         classes = folder_classes(args, ckpt, model)
         dataset = datasets.build_dataset("folder", args.data_root, args.split, **classes)
@@ -472,6 +516,17 @@ def main(args):
             raise ValueError(f"{args.checkpoint or '--model ' + args.model}: has {model.num_classes} classes, "
                              f"but {dataset.num_classes} were given for --dataset folder (--num-classes, "
                              "--class-names)")
+        if None in dataset.label_paths:   # any image folder (pseudo labels): predictions only
+            if not args.save_pred and run_dir is None:
+                raise ValueError(f"--dataset folder: {args.data_root} holds images without labels, so there "
+                                 "is no mIoU, only predictions to write: give --save-pred DIR")
+            args.save_pred = args.save_pred or str(run_dir / f"pred_{Path(args.data_root, args.split).name}")
+            print(f"{args.data_root}: {len(dataset)} images without labels: predictions only (no mIoU), "
+                  f"written to {args.save_pred}")
+    scored = dataset is not None and None not in dataset.label_paths
+    json_path = args.json or (run_dir / f"eval_{args.split}.json" if run_dir and scored else None)
+    for path in [Path(json_path), Path(json_path).with_suffix(".md")] if json_path else []:
+        refuse_foreign_results(path)  # before the work, not after it
     if args.window and min(args.window) < 2 * model.output_stride:
         # a window the network's coarsest feature map would cover with a single cell: it runs,
         # and its scores are garbage
@@ -496,13 +551,15 @@ def main(args):
                  "split": args.split}
         save_submission(model, dataset, args.dataset, args.submission, args.device, args.amp,
                         args.scales, args.flip, args.window, owner)
-    if dataset is not None and None not in dataset.label_paths:  # not for a folder without labels
+    if scored:
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                              num_workers=args.workers)
         metrics = evaluate(model, loader, args.device, dataset.num_classes, args.amp,
-                           args.scales, args.flip, args.window)
+                           args.scales, args.flip, args.window, progress=f"evaluating {args.split}")
         print(format_table(metrics, dataset.class_names))
         results["metrics"] = metrics
+        results["classes"] = {name: {"iou": iou, "acc": acc} for name, iou, acc in
+                              zip(dataset.class_names, metrics["iou"], metrics["class_acc"])}
     if args.fps:
         size = tuple(args.fps_size)
         # costs of the network as deployed: no auxiliary head (models.py: it runs in training only)
@@ -516,8 +573,9 @@ def main(args):
               f"{size[0]}x{size[1]} | {f['fps']:.1f} FPS ({f['latency_ms']:.2f} ms, {f['iters']} "
               f"iters) | {f['device']} | {f['dtype']} | torch {f['torch']} | upsample+argmax "
               f"included")
-    if args.json:
-        datasets.write_atomic(args.json, json.dumps(results, indent=1))
+    if json_path:
+        table = markdown_table(results["metrics"], dataset.class_names) if "metrics" in results else None
+        write_results(json_path, results, table, args)
     return results
 
 
@@ -543,6 +601,39 @@ def folder_classes(args, ckpt, model):
     return dict(class_names=names, palette=palette, ignore_index=ignore_index)
 
 
+def run_folder(checkpoint, ckpt):
+    """The train.py run folder holding `checkpoint` (its args.json beside it), where eval.py keeps
+    its results by default; None for any other file (a published one, a copy elsewhere): eval.py
+    never writes into a folder it cannot tell is a kd-seg run's."""
+    folder = Path(checkpoint).parent if ckpt is not None else None
+    return folder if folder is not None and (folder / "args.json").is_file() else None
+
+
+WRITTEN_BY = "written by eval.py"
+
+
+def refuse_foreign_results(path):
+    """Refuse in one line to write over `path` when it holds a file eval.py did not write (eval.py's
+    say so at their top): never overwrite results this command did not produce."""
+    if Path(path).exists() and WRITTEN_BY not in Path(path).read_text(errors="replace")[:200]:
+        raise ValueError(f"{path}: holds a file eval.py did not write; give --json another file name")
+
+
+def write_results(json_path, results, table, args):
+    """`results` as JSON at `json_path` and, given, the per-class `table` (markdown) beside it as
+    .md, each atomically; a file there that eval.py did not write (it says so at its top) is
+    refused, never overwritten."""
+    json_path = Path(json_path)
+    note = f"{WRITTEN_BY}: {args.checkpoint or args.model} on {args.dataset} {args.split} ({args.data_root})"
+    files = {json_path: json.dumps({"note": note, **results}, indent=1)}
+    if table:
+        files[json_path.with_suffix(".md")] = f"<!-- {note} -->\n\n{table}\n"
+    for path, text in files.items():
+        refuse_foreign_results(path)
+        datasets.write_atomic(path, text)
+    print(f"results: {', '.join(map(str, files))}")
+
+
 # =============================================================================================
 # Operational helpers: option checks, safe checkpoint loading, output-folder locks, one-line
 # errors. Nothing here is about segmentation or distillation; train.py and kd_seg.py use them
@@ -550,7 +641,17 @@ def folder_classes(args, ckpt, model):
 # part on a first reading.
 
 
-# --- option checks
+# --- help and option checks
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default said once: argparse's "(default: X)" is added unless the help
+    already says "default: ..." or the option has none (None, or False for a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def check_number(option, value, low=0, high=math.inf, low_open=False, high_open=False):
     """Refuse in one line naming `option` a value that is NaN, infinite or outside [low, high]
     (open ends where asked). `value <= 0` alone would let NaN through: every comparison with NaN
@@ -587,7 +688,8 @@ def load_checkpoint_dict(path):
     """The plain dict of a train.py checkpoint, read with `weights_only=True`: tensors, containers,
     numbers and strings only. A pickle can hold any object, and unpickling an object runs its
     `__reduce__`, so a downloaded file could otherwise run code; anything else (such an object, a
-    truncated or random file, a bare state_dict) is refused in one line naming the file."""
+    truncated or random file, a bare state_dict) is refused in one line naming the file and
+    saying which of these it is."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -597,9 +699,9 @@ def load_checkpoint_dict(path):
         if "GLOBAL" in str(e):
             raise ValueError(f"{path}: refused: it holds Python objects besides tensors, containers, "
                              "numbers and strings, and loading them could run code") from None
-        raise ValueError(f"{path}: not a kd-seg checkpoint (UnpicklingError)") from None
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise ValueError(f"{path}: not a kd-seg checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"{path}: truncated or corrupt checkpoint (torch.load cannot read it)") from None
+    except Exception:  # a truncated zip ("failed finding central directory"), random bytes, ...
+        raise ValueError(f"{path}: truncated or corrupt checkpoint (torch.load cannot read it)") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("args"), dict) and {"model", "num_classes"} <= set(ckpt["args"])):
         raise ValueError(f"{path}: not a kd-seg checkpoint (expected train.py's dict with 'model' "

@@ -286,29 +286,33 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         description="kd-seg: the papers' ablation tables, as a CPU demo on synthetic data (default) "
                     "or a paper's recipe on real data (--recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="a paper's ablation table on real data")
-    p.add_argument("--dataset", help="dataset of the recipe (default: its paper's; see datasets.py)")
+        formatter_class=evaluation.HelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a paper's ablation table on real data (see --list)")
+    p.add_argument("--dataset", help=f"dataset of the recipe, one of {', '.join(sorted(datasets.DATASETS))} "
+                                     "(default: its paper's)")
     p.add_argument("--data-root", help="dataset root (default: data/<dataset>; the demo makes "
                                        "data/synthetic, or data/synthetic_quick with --quick)")
     p.add_argument("--rows", help="comma-separated rows (see --list; default: the setting's)")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (demo and camvid 0-4; recipes 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the setting's: demo and camvid "
+                                                        "0-4, recipes 0, --tune 100 101)")
     p.add_argument("--split", help="evaluation split (default: the setting's, test where it has labels): "
                                    "val to tune a setting without touching its test split")
     p.add_argument("--iters", type=int, help="student iterations (default: the setting's)")
     p.add_argument("--teacher-iters", type=int, help="teacher iterations (default: the setting's)")
-    p.add_argument("--out", help="output folder (default runs/demo, runs/quick or runs/<recipe>)")
-    p.add_argument("--jobs", type=int, help="trainings run at once: the demo one per core with one "
-                   "thread each (tiny models scale better across processes); recipes one at a time")
+    p.add_argument("--out", help="output folder (default: runs/demo, runs/quick, runs/<recipe>, runs/<recipe>_tune "
+                                 "or runs/<recipe>_tuned)")
+    p.add_argument("--jobs", type=int, help="trainings run at once (default: at CPU scale one per core with one "
+                   "thread each, since tiny models scale better across processes; recipes one at a time)")
     p.add_argument("--dry-run", action="store_true", help="print every command and touch nothing")
     p.add_argument("--quick", action="store_true", help="the demo as a 60 s smoke run")
     p.add_argument("--smoke", action="store_true",
                    help="a recipe with its real models at 2 iterations, 64x64 crops, one seed")
-    p.add_argument("--teacher-checkpoint", help="a trained teacher: skip the teacher training")
+    p.add_argument("--teacher-checkpoint", help="a trained teacher (a train.py checkpoint or a published file): "
+                                                "skip the teacher training")
     p.add_argument("--wide-teacher-checkpoint", help="MGD's trained wide teacher")
     p.add_argument("--weights-dir", help="folder of torchvision ImageNet files under their own names "
                    "(resnet101-63fe2227.pth, ...) for an offline machine; default: download and cache")
-    p.add_argument("--unlabeled-root", help="unlabeled images (Xie, Zhu; Cityscapes default: "
+    p.add_argument("--unlabeled-root", help="unlabeled images for Xie's and Zhu's rows (default: Cityscapes' "
                                             "leftImg8bit/train_extra)")
     p.add_argument("--partition", type=int, metavar="K",
                    help="label partition 1/K of the train split, the rest unlabeled (MGD: 16)")

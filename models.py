@@ -461,6 +461,9 @@ HEADS = ("deeplabv2", "deeplabv3", "deeplabv3plus", "pspnet")
 # parameters, 2.4x fewer than ESPNet), is the student of kd_seg.py's CPU-scale CamVid setting
 ESPNETS = {"espnet_c": (False, 2, 8), "espnet": (True, 2, 8), "espnet_c_p1q2": (False, 1, 2)}
 MODEL_NAMES = sorted([f"{head}_{backbone}" for head in HEADS for backbone in BACKBONES] + list(ESPNETS))
+# the same names in one line, for --help and errors (the list itself is ~2,000 characters)
+MODEL_NAMES_HELP = (f"HEAD_BACKBONE with HEAD one of {', '.join(HEADS)} and BACKBONE one of "
+                    f"{', '.join(BACKBONES)}; or {', '.join(ESPNETS)}")
 
 
 def make_head(head, backbone, num_classes, channels, output_stride):
@@ -806,7 +809,7 @@ def build_model(name, num_classes, output_stride=8, pretrained=None, aux=False):
     """
     head, _, backbone_name = name.partition("_")
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; expected {MODEL_NAMES_HELP}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if name in ESPNETS:

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -56,10 +57,13 @@ import models
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train a segmentation model, optionally distilled.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=evaluation.HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", help="dataset name (see datasets.py)")
-    g.add_argument("--data-root", default="data/synthetic", help="dataset root folder")
+    g.add_argument("--dataset", default="synthetic",
+                   help=f"one of {', '.join(sorted(datasets.DATASETS))}, or folder: your own images and "
+                        "labels (layouts: docs/DATASETS.md)")
+    g.add_argument("--data-root", default="data/synthetic",
+                   help="dataset root folder (kd_seg.py makes data/synthetic)")
     g.add_argument("--num-classes", type=int,
                    help="--dataset folder (your own data): label ids 0..N-1 are the classes; the "
                         "named datasets know their own count")
@@ -68,7 +72,7 @@ def get_args_parser():
                         "colour #rrggbb (or a .json list of such lines); default: names 0..N-1")
     g.add_argument("--ignore-index", type=int, default=255,
                    help="--dataset folder: the label id of pixels to neither train nor score on")
-    g.add_argument("--train-split", default="train")
+    g.add_argument("--train-split", default="train", help="split to train on")
     g.add_argument("--train-subset", metavar="FILE",
                    help="train on the listed images of the split only: a label partition (MGD's "
                         "1/16; CPS's train_aug_labeled_1-16.txt or the one kd_seg.py writes)")
@@ -85,29 +89,34 @@ def get_args_parser():
                    help="hold each training image and label in memory once decoded (in every loader "
                         "process): for data that fits, e.g. CamVid, 60 MB at 180x240; not Cityscapes")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", default="deeplabv3plus_mobilenetv2_tiny", help="see models.MODEL_NAMES")
-    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
+    g.add_argument("--model", default="deeplabv3plus_mobilenetv2_tiny",
+                   help=f"{models.MODEL_NAMES_HELP} (the demo's student)")
+    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32],
+                   help="input size / feature size of the backbone (8: DeepLab's and the papers')")
     g.add_argument("--pretrained", help="ImageNet backbone checkpoint (file or URL): torchvision's; mmcv's "
                    "resnet*_v1c for *_v1c models; CIRKD's resnet*-imagenet.pth for *_v1s models")
     g.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary head's CE (PSPNet uses 0.4); 0: no aux head")
     g.add_argument("--ohem", type=float, default=0.0,
                    help="OHEM CE threshold for the task loss (MGD's Cityscapes code: 0.7); 0: plain CE")
-    g.add_argument("--iters", type=int, default=600)
-    g.add_argument("--batch-size", type=int, default=16, help="per process")
+    g.add_argument("--iters", type=int, default=600, help="training iterations (the demo's student's)")
+    g.add_argument("--batch-size", type=int, default=16, help="images per step, per process")
     g.add_argument("--accumulate", type=int, default=1, metavar="K",
                    help="gradient accumulation: K batches per optimiser step (effective batch: "
                         "batch-size x processes x K), for papers' batches that do not fit memory")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                    help="SGD with momentum (the DeepLab / PSPNet papers); Adam (ESPNet's own training, "
                         "and small networks from scratch)")
-    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=0.05, help="base learning rate (the demo's, with SGD)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Adam: its default betas)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (DeepLab's)")
     g.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/iters)^power")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
     g = p.add_argument_group("device")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (the default: cuda where there is one)")
+    g.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's, "
+                   "one per core); 1 when several jobs share the cores (README)")
     g.add_argument("--amp", default="auto", choices=["off", "auto", "bf16", "fp16"],
                    help="autocast on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
@@ -116,7 +125,8 @@ def get_args_parser():
     g.add_argument("--teacher-checkpoint", help="frozen teacher: a train.py checkpoint, or a published "
                    "torchvision / mmsegmentation / CIRKD file (docs/PUBLISHED.md)")
     g.add_argument("--wide-teacher-checkpoint", help="MGD's second, wide teacher")
-    g.add_argument("--kd", default="", help="term=weight,... with terms from losses.TERMS")
+    g.add_argument("--kd", default="", help=f"TERM=WEIGHT,... with TERM one of {', '.join(losses.TERMS)} "
+                   "(docs/METHODS.md); default: none, the student alone")
     g.add_argument("--tau", type=float, default=1.0, help="temperature of pixel_kd (Xie/SKD: 1)")
     g.add_argument("--cwd-tau", type=float, default=4.0, help="temperature of cwd (Shu et al.: 4)")
     g.add_argument("--pairwise-scale", type=float, default=0.5,
@@ -143,13 +153,15 @@ def get_args_parser():
                    help="Zhu et al.: fraction of samples drawn uniformly over classes (0: off)")
     g.add_argument("--coarse2fine", type=float, default=0.0, metavar="FRACTION",
                    help="Zhu et al. fast schedule: first FRACTION of iterations at --small-crop")
-    g.add_argument("--small-crop", type=int, nargs=2, default=[32, 32], metavar=("H", "W"))
+    g.add_argument("--small-crop", type=int, nargs=2, default=[32, 32], metavar=("H", "W"),
+                   help="the crop of --coarse2fine's first iterations (half the synthetic images)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", default="runs/train", help="output folder")
     g.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt")
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
-    g.add_argument("--checkpoint-every", type=int, default=200)
+    g.add_argument("--log-every", type=int, default=50, help="iterations per progress line")
+    g.add_argument("--eval-every", type=int, default=0, help="iterations per validation (0: only at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=200,
+                   help="iterations per checkpoint (an interruption loses at most these)")
     g.add_argument("--stop-at", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
     return p
 
@@ -178,7 +190,7 @@ def check_args(args):
     """Every option checked before any work: one line naming the first bad one."""
     check = evaluation.check_number
     for name in ("iters", "batch_size", "accumulate", "log_every", "checkpoint_every", "d_width",
-                 "unlabeled_batch_size", "pairwise_kernel"):
+                 "unlabeled_batch_size", "pairwise_kernel", "threads"):
         if getattr(args, name) is not None:
             check(f"--{name.replace('_', '-')}", getattr(args, name), low_open=True)
     for name in ("crop_size", "small_crop"):
@@ -205,10 +217,19 @@ def check_args(args):
     if args.sync_bn and not args.device.startswith("cuda"):
         raise ValueError("--sync-bn needs --device cuda (torch's SyncBatchNorm has no CPU kernel)")
     if args.model not in models.MODEL_NAMES:
-        raise ValueError(f"--model: unknown model '{args.model}'; known: {', '.join(models.MODEL_NAMES)}")
+        raise ValueError(f"--model: unknown model '{args.model}'; expected {models.MODEL_NAMES_HELP}")
     weights = parse_kd(args.kd)
     if weights and not args.teacher_checkpoint:
         raise ValueError("--kd needs --teacher-checkpoint")
+    # a teacher no term uses would be loaded and run every step for nothing, and the run would
+    # look distilled
+    if args.teacher_checkpoint and not weights:
+        raise ValueError(f"--teacher-checkpoint is used only by --kd terms, and none is given: add "
+                         f"--kd TERM=WEIGHT (terms: {', '.join(losses.TERMS)}), or leave the teacher out")
+    mgd_terms = sorted({"mgd_pixel", "mgd_image", "mgd_region"} & set(weights))
+    if args.wide_teacher_checkpoint and not mgd_terms:
+        raise ValueError("--wide-teacher-checkpoint is used only by MGD's terms: add --kd "
+                         "mgd_pixel=1,mgd_image=0.001,mgd_region=100 (MGD's weights), or leave it out")
     needs_unlabeled = {"unlabeled", "mgd_image", "mgd_region"} & set(weights)
     if needs_unlabeled and not args.unlabeled_root:
         raise ValueError(f"--kd {sorted(needs_unlabeled)[0]} needs --unlabeled-root")
@@ -229,6 +250,8 @@ def train(args, given=None):
         if resume_from is not None:
             args = resumed_args(args, given)
         weights = check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         rank, world = setup_distributed(args)
         created = not Path(args.out).exists()
         try:
@@ -300,7 +323,8 @@ def run(args, weights, rank, world, resume_from):
         skipped, in_a_row = (skipped, 0) if finite else (skipped + 1, in_a_row + 1)
         check_divergence(skipped, in_a_row, done, args.iters)
         if rank == 0 and (done % args.log_every == 0 or done == args.iters):
-            log_progress(done, sums, logged, step_time, scheduler.get_last_lr()[0], args, world)
+            log_progress(done, sums, logged, step_time, scheduler.get_last_lr()[0], args, world,
+                         distiller.weight if distiller else None)
             sums, logged, step_time = {}, 0, time.perf_counter()
         last = done == args.iters
         if val_loader is not None and args.eval_every and done % args.eval_every == 0 and not last:
@@ -450,9 +474,11 @@ def check_divergence(skipped, in_a_row, done, iters):
 
 
 # ----------------------------------------------------------------------------- logs, validation, checkpoints
-def log_progress(done, sums, logged, window_start, lr, args, world):
+def log_progress(done, sums, logged, window_start, lr, args, world, weight=None):
     """The progress line of the last `logged` iterations (`sums`: their terms, summed), printed
-    and appended to <out>/log.jsonl."""
+    and appended to <out>/log.jsonl (the terms unweighted). The printed terms are weighted
+    (`weight`: losses.Distiller.weight), so they add up to the loss, with 3 significant digits,
+    so that a term at weight 0.001 still shows; "D" is SKD's discriminator loss, its own step's."""
     device = torch.device(args.device)
     per_it = (time.perf_counter() - window_start) / logged
     mean = {k: float(v) / logged for k, v in sums.items()}
@@ -462,10 +488,12 @@ def log_progress(done, sums, logged, window_start, lr, args, world):
     with open(Path(args.out) / "log.jsonl", "a") as f:
         f.write(json.dumps({"iter": done, **mean, "lr": lr, "s_per_it": per_it, "images_per_s": images_per_s,
                             **({} if peak_gb is None else {"peak_gpu_gb": peak_gb})}) + "\n")
-    detail = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
-    print(f"iter {done}/{args.iters} | loss {mean['loss']:.3f} ({detail}) | "
-          f"lr {lr:.2e} | {per_it:.3f} s/it, {images_per_s:.1f} img/s"
-          + (f", peak {peak_gb:.1f} GiB" if peak_gb is not None else "") + " | "
+    weight = weight or (lambda name: 1.0)  # no distiller: the task loss alone
+    terms = " + ".join(f"{k} {weight(k) * v:#.3g}" for k, v in mean.items() if k not in ("loss", "d"))
+    discriminator = f" | D {mean['d']:#.3g}" if "d" in mean else ""
+    peak = f", peak {peak_gb:.1f} GiB" if peak_gb is not None else ""
+    print(f"iter {done}/{args.iters} | loss {mean['loss']:#.3g} = {terms}{discriminator} | lr {lr:.2e} | "
+          f"{per_it:.3f} s/it, {images_per_s:.1f} img/s{peak} | "
           f"eta {evaluation.format_eta(per_it * (args.iters - done))}", flush=True)
 
 
@@ -774,19 +802,28 @@ def given_options(argv):
 
 
 # where the run is computed, not what: a resumed run may move to another device or loader
-RESUME_MAY_CHANGE = {"out", "resume", "stop_at", "iters", "device", "workers", "keep_decoded"}
+RESUME_MAY_CHANGE = {"out", "resume", "stop_at", "iters", "device", "threads", "workers", "keep_decoded"}
 
 
 def resumed_args(args, given=None):
     """--resume continues with the arguments the run was started with. From the command line come
-    --out, --iters (to lengthen a finished run), --device, --workers and --keep-decoded; any other
+    --out, --iters (an unfinished run's new length; a finished run is not lengthened: its
+    learning rate has decayed to 0), --device, --workers and --keep-decoded; any other
     option given with a value other than the saved one is refused in one line naming it. `given`:
     the options on the command line (given_options); None (a call from Python): those that differ
     from the defaults."""
-    saved = evaluation.load_checkpoint_dict(Path(args.out) / "checkpoint.pt")["args"]
+    path = Path(args.out) / "checkpoint.pt"
+    ckpt = evaluation.load_checkpoint_dict(path)
+    saved = ckpt["args"]
     if given is None:
         defaults = vars(get_args_parser().parse_args([]))
         given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    if "iters" in given and args.iters > saved["iters"] and ckpt.get("step") == saved["iters"]:
+        # its poly learning rate has reached 0: continuing would raise it again part-way, a
+        # schedule neither run would have had (an unfinished run's --iters changes its decay instead)
+        raise ValueError(f"--iters {args.iters}: {path} finished its {saved['iters']} iterations and its "
+                         f"learning rate decayed to 0; a {args.iters}-iteration schedule is a new run: "
+                         + command_line(saved, iters=args.iters, out=f"{args.out}_{args.iters}"))
     differ = sorted(k for k in given - RESUME_MAY_CHANGE if saved.get(k) != getattr(args, k))
     if differ:
         raise ValueError("--resume continues the saved run; these options differ from it: "
@@ -797,6 +834,21 @@ def resumed_args(args, given=None):
               "stop_at": args.stop_at}
     merged.update({k: getattr(args, k) for k in given & (RESUME_MAY_CHANGE - {"out", "resume", "stop_at"})})
     return argparse.Namespace(**merged)
+
+
+def command_line(saved, **changes):
+    """The train.py command that starts a run with the options `saved` (a run's args) changed by
+    `changes`; options at their default are left out."""
+    defaults = vars(get_args_parser().parse_args([]))
+    words = ["python train.py"]
+    for name, value in {**saved, **changes}.items():
+        if name in ("resume", "stop_at") or name not in defaults or value is None or value is False \
+                or value == defaults[name]:
+            continue
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words += [shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value])]
+    return " ".join(words)
 
 
 def resume(path, state, args, rank):

@@ -141,7 +141,7 @@ def test_checkpoint_of_other_class_count_or_corrupt(teacher_checkpoint, tmp_path
         evaluation.load_checkpoint(teacher_checkpoint, expect_model="pspnet_resnet18")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(teacher_checkpoint.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a kd-seg checkpoint"):
+    with pytest.raises(ValueError, match="broken.pt: truncated or corrupt checkpoint"):
         evaluation.load_checkpoint(broken)
 
 
@@ -532,3 +532,63 @@ def test_published_teacher_pseudo_labels_a_folder(tmp_path, capsys):
     labels = [np.array(Image.open(tmp_path / "pseudo" / n)) for n in ("0001TP_008550.png", "0001TP_008580.png")]
     assert all(label.shape == (360, 480) and set(np.unique(label)) <= set(range(11)) | {255} for label in labels)
     assert (tmp_path / "pseudo" / "color" / "0001TP_008550.png").is_file()
+
+
+# ----------------------------------------------------------------------------- the coursework path (issue 31)
+def run_folder_copy(checkpoint, folder):
+    """A train.py run folder (checkpoint.pt beside args.json) holding `checkpoint`."""
+    folder.mkdir()
+    shutil.copy(checkpoint, folder / "checkpoint.pt")
+    shutil.copy(checkpoint.parent / "args.json", folder / "args.json")
+    return folder / "checkpoint.pt"
+
+
+def test_checkpoint_knows_its_dataset_and_results_go_to_its_run_folder(data_root, teacher_checkpoint, tmp_path, capsys):
+    voc = tmp_path / "voc"
+    make_voc(voc)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text("{}")
+    torch.save({"model": models.build_model("deeplabv3plus_mobilenetv2_tiny", 21).state_dict(),
+                "args": {"model": "deeplabv3plus_mobilenetv2_tiny", "num_classes": 21, "dataset": "voc"}},
+               run / "checkpoint.pt")
+    code, err = eval_main(capsys, "--checkpoint", run / "checkpoint.pt", "--data-root", voc, "--device", "cpu")
+    assert code == 0, err  # no --dataset: the checkpoint's (it was synthetic, which failed on this folder)
+    results = json.loads((run / "eval_val.json").read_text())
+    assert len(results["classes"]) == 21 and results["classes"]["tvmonitor"]["iou"] is not None
+    assert "| tvmonitor |" in (run / "eval_val.md").read_text() and "mIoU" in (run / "eval_val.md").read_text()
+    assert eval_main(capsys, "--checkpoint", run / "checkpoint.pt", "--data-root", voc, "--device", "cpu")[0] == 0
+    (run / "eval_val.md").write_text("my notes")  # a file eval.py did not write: refused, kept
+    code, err = eval_main(capsys, "--checkpoint", run / "checkpoint.pt", "--data-root", voc, "--device", "cpu")
+    assert code == 2 and "eval_val.md" in err and (run / "eval_val.md").read_text() == "my notes", err
+    # a dataset folder given without its name never gets advice to write the benchmark into it
+    copy = tmp_path / "copy.pt"  # no args.json beside it: nothing written beside it
+    shutil.copy(teacher_checkpoint, copy)
+    code, err = eval_main(capsys, "--checkpoint", copy, "--data-root", voc, "--device", "cpu")
+    assert code == 2 and "make_synthetic" not in err and "voc" in err and len(err.strip().splitlines()) == 1, err
+    code, err = eval_main(capsys, "--checkpoint", copy, "--data-root", data_root, "--device", "cpu")
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["copy.pt", "run", "voc"], err
+
+
+def test_evaluation_prints_progress_with_an_eta(data_root, capsys):
+    model = models.build_model("deeplabv3plus_mobilenetv2_tiny", 8)
+    loader = torch.utils.data.DataLoader(datasets.build_dataset("synthetic", data_root, "val"), batch_size=4)
+    evaluation.evaluate(model, loader, "cpu", 8, progress="evaluating val", log_seconds=0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("evaluating val 4/16 |") and "eta" in lines[0] and len(lines) == 4, lines
+    evaluation.evaluate(model, loader, "cpu", 8, progress="evaluating val")  # under 5 s: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_folder_without_labels_says_predictions_only_and_writes_them(data_root, teacher_checkpoint, tmp_path, capsys):
+    unlabeled = data_root / "images" / "unlabeled"
+    checkpoint = run_folder_copy(teacher_checkpoint, tmp_path / "run")
+    code = evaluation.report_errors(evaluation.main, evaluation.get_args_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--dataset", "folder", "--data-root", str(unlabeled), "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert code == 0 and "32 images without labels: predictions only (no mIoU)" in out, out
+    assert len(list((tmp_path / "run" / "pred_unlabeled").glob("*.png"))) == 32
+    shutil.copy(teacher_checkpoint, tmp_path / "copy.pt")  # not in a run folder: where to, then?
+    code, err = eval_main(capsys, "--checkpoint", tmp_path / "copy.pt", "--dataset", "folder", "--data-root",
+                          unlabeled, "--device", "cpu")
+    assert code == 2 and "--save-pred DIR" in err and len(err.strip().splitlines()) == 1, err

@@ -361,7 +361,7 @@ def test_camvid_setting_without_its_teacher_or_in_dry_run_writes_nothing(tmp_pat
     assert all("OMP_NUM_THREADS=1" in c for c in commands) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not HAS_CAMVID, reason=f"CamVid and SKD's CamVid students not found in {SHARED_DATA}")
+@needs_real_data
 def test_camvid_tuning_then_the_tuned_table_at_smoke_scale(tmp_path):
     """`--tune` on the real tree (smoke: 2 values of each grid, one seed, 2 iterations): the
     baseline's lr and the labeled fractions, then every arm's weights at the chosen ones, trained
@@ -369,7 +369,7 @@ def test_camvid_tuning_then_the_tuned_table_at_smoke_scale(tmp_path):
     compute-matched baseline for each row that costs more than one baseline training."""
     rows = ["--rows", "xie_lp,hinton,mgd,zhu"]   # a shared arm, a partition row, an untuned row
     r = run_cli("kd_seg.py", "--recipe", "camvid", "--tune", "--smoke", *rows, "--data-root",
-                SHARED_DATA / "CamVid", "--out", tmp_path / "tune", timeout=600)
+                CAMVID, "--out", tmp_path / "tune", timeout=600)
     assert r.returncode == 0, r.stderr
     tuned = json.loads((tmp_path / "tune" / "tuned.json").read_text())
     assert tuned["split"] == "heldout_0006R0" and tuned["train_split"] == "train_without_0006R0"
@@ -384,7 +384,7 @@ def test_camvid_tuning_then_the_tuned_table_at_smoke_scale(tmp_path):
     tuned["costs"]["mgd"] = 2.5   # a recorded cost: the partition baseline trains 2.5 x as long beside it
     (tmp_path / "tuned.json").write_text(json.dumps(tuned))
     r = run_cli("kd_seg.py", "--recipe", "camvid", "--smoke", *rows, "--tuned", tmp_path / "tuned.json",
-                "--data-root", SHARED_DATA / "CamVid", "--out", tmp_path / "table", timeout=600)
+                "--data-root", CAMVID, "--out", tmp_path / "table", timeout=600)
     assert r.returncode == 0, r.stderr
     assert "gain at equal cost" in r.stdout and "| mgd |" in r.stdout
     long_run = json.loads((tmp_path / "table" / "partition_baseline@x2.5" / "seed0" / "args.json").read_text())
