@@ -225,6 +225,10 @@ RECIPES["camvid"] = {
     # baseline trained on every label, at the same steps)
     "tune": {"sequence": "0006R0", "seeds": [100, 101], "lr": [2.5e-3, 5e-3, 1e-2, 2e-2],
              "multipliers": [0.1, 0.3, 1, 3], "partitions": [8, 16, 32]},
+    # `--curve`: does a gain grow or vanish as the student trains longer? The baseline, the fair
+    # table's best rows and the two references, one training 8x the table's, scored every 600 steps
+    "curve": {"rows": ["baseline", "cwd", "skd_pi_pa_ho", "hinton", "fitnet"], "iters": 4800, "every": 600,
+              "seeds": [0, 1, 2]},
     # SKD's own CamVid students (ESPNet-C, p = 2, q = 8, 300 epochs at 360x480 from a PSPNet-R101
     # teacher): another student and schedule, shown for the direction of each gain, not its size
     "reported": {"teacher": 65.1, "baseline": 56.7, "skd_pi": 58.7, "skd_pi_pa_ho": 60.3},
@@ -321,6 +325,9 @@ def get_args_parser():
                         "loss weights, the partition's labeled fraction, on a held-out drive; writes <out>/tuned.json")
     p.add_argument("--tuned", metavar="FILE", help="run the setting with the values a --tune run chose (its "
                    "tuned.json; the camvid one kd-seg measured: docs/camvid_tuned.json), with compute-matched baselines")
+    p.add_argument("--curve", action="store_true",
+                   help="train the setting's curve rows (camvid: baseline, best rows, references) for several times "
+                        "the table's steps, scored along the way; writes <out>/CURVES.md and curves.png")
     p.add_argument("--list", action="store_true", help="print the rows and recipes and exit")
     p.add_argument("--benchmark", action="store_true",
                    help="print the speed ratios of docs/BENCHMARKS.md (FPS of Xie's pair, cost of the terms, train.py's "
@@ -342,8 +349,8 @@ def choose_setting(args):
         raise ValueError("--smoke and --dataset go with --recipe (the demo's data is synthetic)")
     if args.recipe is not None and args.quick:
         raise ValueError("--quick is the demo's smoke run; a recipe's is --smoke")
-    if (args.tune or args.tuned) and "tune" not in RECIPES.get(args.recipe or "", {}):
-        raise ValueError(f"--tune and --tuned go with a setting that declares its tuning: --recipe "
+    if (args.tune or args.tuned or args.curve) and "tune" not in RECIPES.get(args.recipe or "", {}):
+        raise ValueError(f"--tune, --tuned and --curve go with a setting that declares its tuning: --recipe "
                          f"{', '.join(n for n, r in RECIPES.items() if 'tune' in r)}")
     if args.tune and args.tuned:
         raise ValueError("--tune writes the values that --tuned reads: give one of them")
@@ -1036,8 +1043,8 @@ def prepare(args):
     CPU scale, how many at once; published teachers found beside the data."""
     setting = choose_setting(args)
     name = setting["name"]
-    default_out = ("runs/quick" if args.quick else f"runs/{name}_smoke" if args.smoke else
-                   f"runs/{name}_tune" if args.tune else f"runs/{name}_tuned" if args.tuned else f"runs/{name}")
+    kind = "_tune" if args.tune else "_curve" if args.curve else "_tuned" if args.tuned else ""
+    default_out = "runs/quick" if args.quick else f"runs/{name}{kind}_smoke" if args.smoke else f"runs/{name}{kind}"
     out = Path(args.out or default_out)
     dataset = setting["dataset"]
     data_root = Path(args.data_root or ("data/synthetic_quick" if args.quick else f"data/{dataset}"))
@@ -1236,7 +1243,7 @@ def tune(args):
 
 def run_stage(stages, args, out, data_root, cpu_scale, jobs_at_once, scores, seconds):
     """Plan and run the jobs of several settings as one (shared jobs once); add each run's
-    per-seed scores and mean train seconds to `scores` and `seconds`."""
+    per-seed scores and mean train seconds to `scores` and `seconds`. Returns {(row, seed): run folder}."""
     jobs, steps, run_dirs = {}, {}, {}
     for stage in stages:
         stage_jobs, stage_dirs, _, pre_steps = plan(stage, args, out, data_root)
@@ -1252,6 +1259,7 @@ def run_stage(stages, args, out, data_root, cpu_scale, jobs_at_once, scores, sec
         mean_s = mean_train_seconds([d for (r, _), (_, d) in run_dirs.items() if r == row])
         if mean_s:
             seconds[row] = round(mean_s, 1)
+    return {key: run_dir for key, (_, run_dir) in run_dirs.items()}
 
 
 def tune_report(tuned, lr_rows, weighted):
@@ -1272,6 +1280,113 @@ def tune_report(tuned, lr_rows, weighted):
               f"{tuned['costs'][row]:g}x the baseline's training" for row in tuned["rows"]]
     lines += [f"- {row}: not tuned (no loss weight), cost 1" for row in tuned["untuned"]]
     return "\n".join(lines) + "\n"
+
+
+def curve(args):
+    """`--curve`: the setting's curve rows (setting["curve"]; with --tuned at the tuned values) trained
+    for `iters` steps, each scored on the evaluation split every `every` steps (train.py
+    --eval-every), at least three seeds. Writes <out>/CURVES.md (mIoU per row and step, mean and
+    spread; the gain over the baseline at the same steps and at the same cost) and curves.png."""
+    setting, out, data_root, cpu_scale, jobs_at_once = prepare(args)
+    spec = setting["curve"]
+    iters, every = (4, 2) if args.smoke else (spec["iters"], spec["every"])
+    seeds = args.seeds or spec["seeds"][:1 if args.smoke else None]
+    split = flag_values(setting["eval"], "--split")[0]
+    rows = [r for r in (args.rows.split(",") if args.rows else spec["rows"]) if r]
+    rows = rows if "baseline" in rows else ["baseline", *rows]
+    stage = {**setting, "rows": rows, "seeds": seeds, "iters": iters, "costs": {},
+             "flags": set_flag(set_flag(setting["flags"], "--val-split", [split]), "--eval-every", [str(every)])}
+    if args.dry_run:
+        return print_plan(stage, args, out, data_root, cpu_scale)
+    with evaluation.lock_output_dir(out):
+        evaluation.claim_output_dir(out, {"curve": setting["name"], "data_root": str(data_root), "iters": iters,
+                                          "split": split, "tuned": setting.get("tuned", "")})
+        start = time.perf_counter()
+        run_dirs = run_stage([stage], args, out, data_root, cpu_scale, jobs_at_once, {}, {})
+        curves = {row: {} for row in rows}   # row -> step -> [mIoU per seed]
+        for (row, _), run_dir in sorted(run_dirs.items()):
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                entry = json.loads(line)
+                curves[row].setdefault(entry["iter"], []).append(100 * entry["miou"])
+        report = curve_report(setting, curves, split, seeds, time.perf_counter() - start)
+        curve_picture(setting, curves, out / "curves.png")
+        datasets.write_atomic(out / "CURVES.md", report)
+    print(report)
+    print(f"wrote {out / 'CURVES.md'} and {out / 'curves.png'}")
+    return curves
+
+
+def curve_report(setting, curves, split, seeds, seconds):
+    """CURVES.md: each row's mean mIoU (± sd over seeds) at every scored step; its paired gain over
+    the baseline at the same steps, and at the same cost (the baseline's score at the step nearest to
+    the row's steps times its cost ratio, when the baseline reached it)."""
+    steps = sorted(curves["baseline"])
+    lines = [f"# kd-seg {setting['name']}: longer training", "",
+             f"Command: `{' '.join(['python', 'kd_seg.py', *sys.argv[1:]])}`  ",
+             f"Machine: {machine_line()}; date {time.strftime('%Y-%m-%d')}; wall time {evaluation.format_eta(seconds)}  ",
+             f"{split} mIoU, mean ± sd over seeds {seeds}; one training per row and seed, scored every "
+             f"{steps[0]} steps; gain: paired over seeds [95% interval]; cost: the row's training cost in baseline "
+             "trainings (tuned.json; 1 without --tuned).", "",
+             "| row | cost (x) | " + " | ".join(f"{s}" for s in steps) + " |",
+             "|---|---:|" + "---:|" * len(steps)]
+    for row, by_step in curves.items():
+        cells = []
+        for step in steps:
+            values = by_step.get(step, [])
+            text = f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else \
+                f"{values[0]:.1f}" if values else ""
+            if row != "baseline" and len(values) > 1:
+                gain, ci = gain_interval([v - b for v, b in zip(values, curves["baseline"][step])])
+                text += f" ({gain:+.1f} [{gain - ci:+.1f}, {gain + ci:+.1f}])"
+            cells.append(text)
+        lines.append(f"| {row} | {cost_ratio(setting, row):g} | " + " | ".join(cells) + " |")
+    lines += ["", "At equal cost (the baseline trained as long as the row costs, where it got that far):", "",
+              "| row | steps | cost (baseline steps) | row mIoU | baseline at that cost | gain [95% CI] |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for row, by_step in curves.items():
+        if row == "baseline":
+            continue
+        for step in steps:
+            matched = step * cost_ratio(setting, row)
+            nearest = min(steps, key=lambda s: abs(s - matched))
+            if matched > steps[-1] * 1.0001 or len(by_step.get(step, [])) < 2:
+                continue
+            values, base = by_step[step], curves["baseline"][nearest]
+            gain, ci = gain_interval([v - b for v, b in zip(values, base)])
+            lines.append(f"| {row} | {step} | {matched:g} (baseline at {nearest}) | {statistics.mean(values):.1f} | "
+                         f"{statistics.mean(base):.1f} | {gain:+.1f} [{gain - ci:+.1f}, {gain + ci:+.1f}] |")
+    return "\n".join(lines) + "\n![mIoU against steps and against cost](curves.png)\n"
+
+
+def curve_picture(setting, curves, path, size=(360, 260)):
+    """Two panels, drawn with pillow: mean mIoU against steps, and against cost (steps x the row's
+    cost ratio), one line per row, each row's name in its colour."""
+    colours = [(0, 0, 0), (0, 90, 200), (220, 80, 0), (0, 150, 0), (150, 0, 150), (120, 120, 0), (0, 150, 150)]
+    means = {row: {s: statistics.mean(v) for s, v in by_step.items()} for row, by_step in curves.items()}
+    low = min(min(m.values()) for m in means.values())
+    high = max(max(m.values()) for m in means.values())
+    picture = Image.new("RGB", (2 * size[0], size[1] + 16 * len(curves)), "white")
+    draw = ImageDraw.Draw(picture)
+    for panel, (title, scale) in enumerate((("mIoU vs steps", lambda row: 1.0),
+                                            ("mIoU vs cost (baseline steps)", lambda row: cost_ratio(setting, row)))):
+        x0, (w, h) = panel * size[0], size
+        left, top, right, bottom = x0 + 40, 20, x0 + w - 10, h - 30
+        x_max = max(s * scale(row) for row, m in means.items() for s in m)
+        draw.rectangle([left, top, right, bottom], outline="black")
+        draw.text((left, 4), title, fill="black")
+        for v in (low, high):
+            draw.text((x0 + 4, bottom - (bottom - top) * (v - low) / max(high - low, 1e-9) - 5), f"{v:.0f}", fill="black")
+        draw.text((left, bottom + 4), "0", fill="black")
+        draw.text((right - 30, bottom + 4), f"{x_max:g}", fill="black")
+        for colour, (row, m) in zip(colours * 2, means.items()):
+            points = [(left + (right - left) * s * scale(row) / x_max,
+                       bottom - (bottom - top) * (v - low) / max(high - low, 1e-9)) for s, v in sorted(m.items())]
+            draw.line(points, fill=colour, width=2)
+            for x, y in points:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    for i, (colour, row) in enumerate(zip(colours * 2, curves)):
+        draw.text((10, size[1] + 16 * i), f"{row} (cost {cost_ratio(setting, row):g}x)", fill=colour)
+    datasets.save_png(path, picture)
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -1494,7 +1609,7 @@ def main():
         return print_list()
     if args.benchmark:
         return camvid_benchmark(args) if args.recipe == "camvid" else benchmark(args)
-    return tune(args) if args.tune else run(args)
+    return tune(args) if args.tune else curve(args) if args.curve else run(args)
 
 
 if __name__ == "__main__":

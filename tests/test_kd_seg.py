@@ -391,6 +391,15 @@ def test_camvid_tuning_then_the_tuned_table_at_smoke_scale(tmp_path):
     assert long_run["iters"] == 5   # round(2 x 2.5)
     report = (tmp_path / "table" / "REPORT.md").read_text()
     assert f"--lr {tuned['lr']:g}" in report or f"--lr {tuned['lr']}" in report
+    # the longer training: scored along the way (smoke: every 2 of 4 steps), with the tuned values
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--curve", "--smoke", "--rows", "hinton", "--tuned",
+                tmp_path / "tuned.json", "--data-root", CAMVID, "--out", tmp_path / "curve", timeout=600)
+    assert r.returncode == 0, r.stderr
+    curves = (tmp_path / "curve" / "CURVES.md").read_text()
+    assert "| baseline | 1 |" in curves and "| hinton |" in curves and (tmp_path / "curve" / "curves.png").is_file()
+    steps = [json.loads(line)["iter"] for line in
+             (tmp_path / "curve" / "hinton" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
 
 
 def test_tuned_file_errors_are_one_line(tmp_path):

@@ -412,7 +412,7 @@ def test_check_divergence_thresholds():
 
 
 def test_a_diverging_run_stops_unfinished(data_root, tmp_path, monkeypatch, capsys):
-    def nan_loss(output, labels, args):
+    def nan_loss(output, labels, args, align_corners=False):
         return output["out"].sum() * float("nan")
     monkeypatch.setattr(train, "task_loss", nan_loss)
     out = tmp_path / "run"
