@@ -32,6 +32,7 @@ Index (term -> function):
   supervised OHEM cross-entropy (MGD/CPS)     ohem_ce
   CWD (logits; features: Distiller cwd_feat)  cwd
   FitNet feature KD (a reference, no paper's) fitnet_loss
+  attention transfer (adding a term: example) attention_transfer
 
 Usage (the teacher is frozen and in eval mode):
   with torch.no_grad():
@@ -613,6 +614,17 @@ def cwd(student_logits, teacher_logits, tau=4.0):
     return tau ** 2 * kl / (n * c)
 
 
+def attention_transfer(student_feat, teacher_feat):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017; kd-seg's worked example of adding a
+    term, docs/ADDING_A_TERM.md): mean over N * h * w of (a_s - a_t)^2, a = the channel mean of the
+    squared feature, flattened and L2-normalised over the positions (the official code's
+    `(at(x) - at(y)).pow(2).mean()`; its beta / 2 = 500 is the weight, applied outside). Channel
+    counts may differ; the teacher's map is resized to the student's."""
+    def attention(feat):
+        return F.normalize(_upcast(feat).pow(2).mean(1).flatten(1), dim=1)
+    return (attention(student_feat) - attention(resize_like(teacher_feat, student_feat))).pow(2).mean()
+
+
 def fitnet_loss(adapted_student_feat, teacher_feat):
     """FitNet-style feature KD (Romero et al. 2015; the audits' reference row, beyond the five
     papers): FGFI's L_im with the mask everywhere, (1/(2 N h w)) sum (r(s) - t)^2, where r is a
@@ -626,7 +638,7 @@ def fitnet_loss(adapted_student_feat, teacher_feat):
 # Term names accepted in a weights dict (train.py --kd name=weight,...). "unlabeled" is Xie et
 # al.'s lambda: the weight of the whole unlabeled-batch loss [CE(argmax T) + a L_p + b L_c].
 TERMS = ("pixel", "consistency", "pairwise", "holistic", "imitation", "cwd", "cwd_feat",
-         "unlabeled", "mgd_pixel", "mgd_image", "mgd_region", "fitnet")
+         "unlabeled", "mgd_pixel", "mgd_image", "mgd_region", "fitnet", "at")
 
 
 class Distiller(nn.Module):
@@ -651,7 +663,7 @@ class Distiller(nn.Module):
 
         labeled batch    ce + sum_k lambda_k r_k             pixel, consistency, cwd, cwd_feat,
                                                              pairwise, holistic, imitation, mgd_pixel,
-                                                             fitnet
+                                                             fitnet, at
         Xie, unlabeled   lambda * [CE(argmax T) + a L_p + b L_c]      u_ce, u_pixel, u_consistency
                          (lambda: "unlabeled"; a, b: "pixel", "consistency")
         MGD, unlabeled   mgd_pixel * CE(argmax T_D, T_W) + lambda_1 L_image + lambda_2 L_region
@@ -791,6 +803,9 @@ class Distiller(nn.Module):
         # FitNet (the audits' feature-KD reference): FGFI's loss without its mask
         if "fitnet" in w:
             terms["fitnet"] = fitnet_loss(self.fitnet_adapter(s_feat), resize_like(t_out["feat"], s_feat))
+        # attention transfer (docs/ADDING_A_TERM.md's worked example)
+        if "at" in w:
+            terms["at"] = attention_transfer(s_feat, t_out["feat"])
         # MGD (Qin et al.): pixel level on the labeled batch, CE to each teacher's argmax
         if "mgd_pixel" in w:
             size = images.shape[-2:]

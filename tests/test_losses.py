@@ -141,6 +141,8 @@ EQUAL_INPUT_TERMS = {
     "mgd_image_level": losses.mgd_image_level,
     "mgd_region_level": lambda s, t: losses.mgd_region_level(s, t, grid=3),
     "imitation_loss": lambda s, t: losses.imitation_loss(s, t, torch.ones(2, 9, 9)),
+    "fitnet_loss": losses.fitnet_loss,
+    "attention_transfer": losses.attention_transfer,
 }
 
 
@@ -170,6 +172,8 @@ GRADCHECK_TERMS = {
     "mgd_region_level": lambda s, t: losses.mgd_region_level(s, t, grid=2),
     "imitation_loss": lambda s, t: losses.imitation_loss(
         s, t, torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]])),
+    "fitnet_loss": losses.fitnet_loss,
+    "attention_transfer": losses.attention_transfer,
 }
 
 
@@ -823,3 +827,21 @@ def test_readme_equation_map_names_its_lines():
             stale.append(f"| {equation} | {code} | {expected} |")
     assert len(rows) >= 15
     assert not stale, "stale rows of the README's equation map; paste these:\n" + "\n".join(stale)
+
+
+def test_attention_transfer_closed_form_and_in_the_distiller():
+    """docs/ADDING_A_TERM.md's worked example. Student feature [1, 1] over two positions, teacher
+    [1, 0]: attention maps [1, 1] / sqrt 2 and [1, 0]; squared differences (1 - 1/sqrt 2)^2 and 1/2,
+    mean 0.2929. Channel counts may differ; the Distiller computes it on "feat" under the name "at"."""
+    student, teacher = torch.ones(1, 3, 1, 2), torch.tensor([[[[1.0, 0.0]]]])
+    expected = ((1 - 1 / math.sqrt(2)) ** 2 + 0.5) / 2
+    assert losses.attention_transfer(student, teacher).item() == pytest.approx(expected) == pytest.approx(0.2929, abs=1e-4)
+    teacher_net = models.build_model("deeplabv3plus_resnet18_micro", 4).eval()
+    distiller = losses.Distiller(teacher_net, {"at": 500}, student_channels=3, num_classes=4)
+    images = torch.randn(2, 3, 32, 32)
+    output = {"out": torch.randn(2, 4, 4, 4), "feat": torch.randn(2, 3, 4, 4)}
+    terms = distiller.terms(None, output, images, torch.zeros(2, 32, 32, dtype=torch.long), step=0)
+    with torch.no_grad():
+        expected = losses.attention_transfer(output["feat"], teacher_net(images)["feat"])
+    assert set(terms) == {"at"} and torch.allclose(terms["at"], expected)
+    assert distiller.weighted_sum(terms).item() == pytest.approx(500 * expected.item())
