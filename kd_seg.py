@@ -902,13 +902,14 @@ def format_results(rows, with_reported):
     return "\n".join(lines)
 
 
-def comparison(values, base, teacher=None):
+def comparison(values, base, teacher=None, runs=()):
     """A row's seeds against its baseline's (same seeds): mean paired gain, its 95% half-width, p,
-    and the gap closed toward `teacher`'s mIoU, (S_row - S_base) / (S_teacher - S_base)."""
+    and the gap closed toward `teacher`'s mIoU, (S_row - S_base) / (S_teacher - S_base); `runs`
+    names the runs compared (one comparison of the table's family however many rows share them)."""
     gains = [v - b for v, b in zip(values, base)]
     gain, ci = gain_interval(gains)
     gap = gain / (teacher - statistics.mean(base)) if teacher is not None and teacher != statistics.mean(base) else None
-    return {"gain": gain, "ci": ci, "p": t_test_p(gains), "n": len(gains), "gap": gap}
+    return {"gain": gain, "ci": ci, "p": t_test_p(gains), "n": len(gains), "gap": gap, "runs": runs}
 
 
 def result_rows(setting, out, run_dirs, teachers, fps_size, quick, cost_threads):
@@ -921,6 +922,9 @@ def result_rows(setting, out, run_dirs, teachers, fps_size, quick, cost_threads)
 
     def scores(row):
         return [miou(run_dirs[row, s] / "eval.json") for s in seeds]
+
+    def runs_of(row, baseline):   # what a comparison compares: the runs of both sides
+        return tuple(str(run_dirs[name, s]) for name in (row, baseline) for s in seeds)
 
     seeds, reported = setting["seeds"], setting["reported"]
     teacher_cost = cost_of(teachers["teacher"], fps_size, quick, cost_threads, out / "teacher_cost.json")
@@ -947,16 +951,24 @@ def result_rows(setting, out, run_dirs, teachers, fps_size, quick, cost_threads)
         if row == baseline:
             base_seconds[row] = seconds
         else:
-            entry["main"] = comparison(values, scores(baseline), teacher_miou)
+            entry["main"] = comparison(values, scores(baseline), teacher_miou, runs_of(row, baseline))
             if setting.get("costs"):   # the measured wall-time ratio beside the recorded cost
                 entry["cost"] = cost_ratio(setting, row)
-                entry["eq"] = comparison(values, scores(equal_cost_baseline(setting, row)))
+                matched = equal_cost_baseline(setting, row)
+                entry["eq"] = comparison(values, scores(matched), runs=runs_of(row, matched))
                 if seconds and base_seconds.get(baseline):
                     entry["time_ratio"] = f"{seconds / base_seconds[baseline]:.2f}"
         rows.append(entry)
-    family = [c for r in rows for c in (r.get("main"), r.get("eq")) if c is not None]
-    for c, adjusted in zip(family, holm([c["p"] for c in family])):
-        c["p_holm"], c["verdict"] = adjusted, verdict(c["gain"], adjusted, c["n"])
+    # the family: every distinct comparison of the table (rows that share their runs, such as
+    # xie_lp, skd_pi and hinton at CPU scale, are one comparison, counted once)
+    family = {}
+    for r in rows:
+        for key in ("main", "eq"):
+            if r.get(key):
+                family.setdefault(r[key]["runs"], []).append(r[key])
+    for same, adjusted in zip(family.values(), holm([same[0]["p"] for same in family.values()])):
+        for c in same:
+            c["p_holm"], c["verdict"] = adjusted, verdict(c["gain"], adjusted, c["n"])
     return rows
 
 
@@ -1142,9 +1154,13 @@ def execute(setting, args, out, data_root, jobs, run_dirs, teachers, pre_steps, 
               f"iterations; seeds {seeds}; {split} split, last checkpoint.", "",
               *[f"**{note}**\n" for note in smoke_note], table, "",
               "Gain: mean paired difference to the baseline over the same seeds, with its 95% "
-              "confidence interval (paired t test); 'better' or 'worse' when the interval excludes 0, "
-              "'inconclusive' otherwise; detectable: the interval's half-width, the smallest gain it "
-              f"calls. Params, GMACs and FPS at {fps_size[0]}x{fps_size[1]}: the "
+              "confidence interval (paired t test) and p; p (Holm): adjusted over every comparison of "
+              "the table (both gain columns where there are two); 'better' or 'worse' when the adjusted "
+              "p is below 0.05 (at most a 5% chance of any false call in the table), 'inconclusive' "
+              "otherwise; gap closed: the gain over (teacher - baseline); detectable: the interval's "
+              "half-width. With recorded costs (--tuned): cost, the row's training in baseline trainings "
+              "(tuned.json), time, the measured wall-time ratio, and the gain against the baseline "
+              f"trained that long. Params, GMACs and FPS at {fps_size[0]}x{fps_size[1]}: the "
               f"models as deployed (no auxiliary head), batch 1; FPS in kd_seg.py's own process "
               f"({kernels()}).", "",
               "![predictions](predictions.png)  ", f"Columns: {', '.join(columns)}.", ""]
@@ -1221,11 +1237,14 @@ def tune(args):
         run_stage([stage2], args, out, data_root, cpu_scale, jobs_at_once, scores, seconds)
         chosen = {rows[0]: max((r for r in weighted if base_row(r) == rows[0]), key=lambda r: statistics.mean(scores[r]))
                   for rows in arms.values()}
-        base_s = seconds.get(lr)
+        # a baseline training's cost: the mean over every learning rate's runs (the rate does not
+        # change a step's cost; the first runs also paid for the pool's start beside the teachers' scoring)
+        timed = [seconds[row] for row in lr_rows if row in seconds]
+        base_s = statistics.mean(timed) if timed else None
         tuned = {"setting": name, "command": " ".join(["python", "kd_seg.py", *sys.argv[1:]]),
                  "date": time.strftime("%Y-%m-%d"), "machine": machine_line(), "split": split,
                  "train_split": train_split, "seeds": seeds, "iters": setting["iters"], "lr": float(lr_rows[lr][1]),
-                 "partition": partition, "data_limited": DATA_LIMITED,
+                 "partition": partition, "data_limited": DATA_LIMITED, "data_limited_found": bool(limited),
                  "rows": {row: weighted[chosen[rows[0]]] for rows in arms.values() for row in rows},
                  "multipliers": {row: float(chosen[rows[0]].split("@w")[1]) for rows in arms.values() for row in rows},
                  # the cost in baseline trainings, to a quarter; a row not measured (Zhu's: the same
@@ -1273,11 +1292,13 @@ def tune_report(tuned, lr_rows, weighted):
     for row, values in tuned["scores"].items():
         lines.append(f"| {row} | {', '.join(f'{v:.1f}' for v in values)} | {statistics.mean(values):.1f} | "
                      f"{tuned['seconds'].get(row, '')} |")
-    lines += ["", f"Chosen: lr {tuned['lr']:g}; labeled fraction 1/{tuned['partition']} (the largest whose "
-              f"partition baseline is {tuned['data_limited']:g} points below the full-data baseline, else the "
-              "smallest tried)."]
+    why = (f"the largest whose partition baseline is {tuned['data_limited']:g} points below the full-data "
+           "baseline" if tuned["data_limited_found"] else f"no fraction tried was {tuned['data_limited']:g} "
+           "points below the full-data baseline (not data-limited at these steps): the smallest tried")
+    lines += ["", f"Chosen: lr {tuned['lr']:g}; labeled fraction 1/{tuned['partition']} ({why})."]
     lines += [f"- {row}: x{tuned['multipliers'][row]:g} (`{' '.join(tuned['rows'][row])}`), cost "
-              f"{tuned['costs'][row]:g}x the baseline's training" for row in tuned["rows"]]
+              f"{tuned['costs'][row]:g}x the baseline's training (its mean train seconds over the mean of "
+              "every baseline run's, to a quarter)" for row in tuned["rows"]]
     lines += [f"- {row}: not tuned (no loss weight), cost 1" for row in tuned["untuned"]]
     return "\n".join(lines) + "\n"
 

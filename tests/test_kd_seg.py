@@ -234,12 +234,13 @@ def _t_quantile(df, p=0.975):
 
 def test_verdicts_are_paired_t_tests_with_holm_over_the_table():
     for df, t in enumerate(kd_seg.T_975, start=1):
-        assert t == pytest.approx(_t_quantile(df), abs=2e-3), df
+        quantile = _t_quantile(df)
+        assert t == pytest.approx(quantile, abs=2e-3), df
         # gains whose t statistic is the 95% quantile have p = 0.05 (mean t * sd / sqrt(n), sd 1)
         n = df + 1
         unit = [1.0, -1.0] * (n // 2) + [0.0] * (n % 2)
         sd = statistics.stdev(unit)
-        gains = [u / sd + _t_quantile(df) / math.sqrt(n) for u in unit]
+        gains = [u / sd + quantile / math.sqrt(n) for u in unit]
         assert kd_seg.t_test_p(gains) == pytest.approx(0.05, abs=1e-6), df
     mean, half = kd_seg.gain_interval([1.0, 2.0, 3.0])   # sd 1: 4.303 / sqrt(3)
     assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
@@ -264,18 +265,21 @@ def test_table_rows_holm_gap_closed_and_equal_cost(tmp_path, monkeypatch):
     seeds = [0, 1, 2]
     scores = {"baseline": [30, 31, 32], "baseline@x2.5": [33, 34, 35], "cwd": [35, 36.5, 37]}
     run_dirs = {(name, s): run(name, s, v[s]) for name, v in scores.items() for s in seeds}
+    run_dirs.update({("hinton", s): run_dirs["cwd", s] for s in seeds})   # a row sharing cwd's runs
     (tmp_path / "teacher_eval.json").write_text(json.dumps({"metrics": {"miou": 0.51}}))
-    setting = {"seeds": seeds, "reported": {}, "teacher": "t", "rows": ["baseline", "cwd"], "costs": {"cwd": 2.5}}
+    setting = {"seeds": seeds, "reported": {}, "teacher": "t", "rows": ["baseline", "cwd", "hinton"],
+               "costs": {"cwd": 2.5, "hinton": 2.5}}
     monkeypatch.setattr(kd_seg, "cost_of", lambda *a, **k: {"params_m": 1.0, "gmacs": 1.0, "fps": 1.0})
     teachers = {"teacher": tmp_path / "t.pt", "eval": tmp_path / "teacher_eval.json"}
     rows = kd_seg.result_rows(setting, tmp_path, run_dirs, teachers, (8, 8), True, 1)
-    cwd = rows[-1]
+    cwd, hinton = rows[-2:]
+    assert hinton["main"]["p_holm"] == cwd["main"]["p_holm"]   # one comparison, counted once in the family
     assert cwd["main"]["gain"] == pytest.approx(31 / 6) and cwd["eq"]["gain"] == pytest.approx(13 / 6)
     assert cwd["main"]["gap"] == pytest.approx(31 / 6 / (51 - 31))
     assert [cwd["main"]["p_holm"], cwd["eq"]["p_holm"]] == pytest.approx(kd_seg.holm([cwd["main"]["p"], cwd["eq"]["p"]]))
     assert cwd["time_ratio"] == "2.50" and cwd["cost"] == 2.5
     table = kd_seg.format_results(rows, with_reported=False).splitlines()
-    cells = dict(zip([c.strip() for c in table[0].split("|")], [c.strip() for c in table[-1].split("|")]))
+    cells = dict(zip([c.strip() for c in table[0].split("|")], [c.strip() for c in table[-2].split("|")]))
     half = cwd["main"]["ci"]
     assert cells["detectable"] == f"{half:.1f}" and cells["gap closed"] == "0.26"
     assert cells["gain [95% CI]"] == f"+5.2 [{31 / 6 - half:+.1f}, {31 / 6 + half:+.1f}]"
