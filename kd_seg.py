@@ -298,13 +298,13 @@ def get_args_parser():
                                        "data/synthetic, or data/synthetic_quick with --quick)")
     p.add_argument("--rows", help="comma-separated rows (see --list; default: the setting's)")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the setting's: demo and camvid "
-                                                        "0-4, recipes 0, --tune 100 101)")
+                                                        "0-4, recipes 0, --tune 100 101, --curve 0 1 2)")
     p.add_argument("--split", help="evaluation split (default: the setting's, test where it has labels): "
                                    "val to tune a setting without touching its test split")
     p.add_argument("--iters", type=int, help="student iterations (default: the setting's)")
     p.add_argument("--teacher-iters", type=int, help="teacher iterations (default: the setting's)")
-    p.add_argument("--out", help="output folder (default: runs/demo, runs/quick, runs/<recipe>, runs/<recipe>_tune "
-                                 "or runs/<recipe>_tuned)")
+    p.add_argument("--out", help="output folder (default: runs/demo, runs/quick, runs/<recipe>, runs/<recipe>_tune, "
+                                 "_tuned or _curve, with _smoke after --smoke)")
     p.add_argument("--jobs", type=int, help="trainings run at once (default: at CPU scale one per core with one "
                    "thread each, since tiny models scale better across processes; recipes one at a time)")
     p.add_argument("--dry-run", action="store_true", help="print every command and touch nothing")
@@ -827,8 +827,10 @@ def gain_interval(gains):
 
 def t_test_p(gains):
     """Two-sided p of the paired t test of `gains` (H0: mean 0; n - 1 degrees of freedom): one
-    minus twice the integral of Student's t density from 0 to |t| (Simpson's rule, 2,000 panels;
-    within 1e-9 of the exact value for the t and n of a kd-seg table). 1.0 with a single seed."""
+    minus twice the integral of Student's t density from 0 to |t|. Substituting u = sqrt(df) tan(a)
+    turns the density into sqrt(df) * scale * cos(a)^(df - 1) on [0, atan(|t| / sqrt(df))], smooth
+    for any t, so Simpson's rule (2,000 panels) is accurate to about 1e-12 however large t is.
+    1.0 with a single seed."""
     n = len(gains)
     if n < 2:
         return 1.0
@@ -837,8 +839,9 @@ def t_test_p(gains):
         return 1.0 if mean == 0 else 0.0
     t, df = abs(mean) / (sd / math.sqrt(n)), n - 1
     scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    panels, h = 2000, t / 2000
-    density = [scale * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(panels + 1)]
+    panels, end = 2000, math.atan(t / math.sqrt(df))
+    h = end / panels
+    density = [math.sqrt(df) * scale * math.cos(i * h) ** (df - 1) for i in range(panels + 1)]
     area = h / 3 * (density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2]))
     return max(0.0, 1 - 2 * area)
 
@@ -1249,8 +1252,8 @@ def tune(args):
                  "multipliers": {row: float(chosen[rows[0]].split("@w")[1]) for rows in arms.values() for row in rows},
                  # the cost in baseline trainings, to a quarter; a row not measured (Zhu's: the same
                  # steps on the same student, its pseudo labels made once) costs 1
-                 "costs": {row: max(1.0, round(4 * seconds[chosen[rows[0]]] / base_s) / 4) if base_s and
-                           seconds.get(chosen[rows[0]]) else 1.0 for rows in arms.values() for row in rows},
+                 "costs": {row: cost for rows in arms.values() for row, cost in
+                           [(row, arm_cost(rows[0], weighted, seconds, base_s)) for row in rows]},
                  "untuned": untuned, "scores": scores, "seconds": seconds,
                  "wall_seconds": round(time.perf_counter() - start)}
         datasets.write_atomic(out / "tuned.json", json.dumps(tuned, indent=1) + "\n")
@@ -1258,6 +1261,18 @@ def tune(args):
     print(tune_report(tuned, lr_rows, weighted))
     print(f"wrote {out / 'tuned.json'}: run the table with --tuned {out / 'tuned.json'}")
     return tuned
+
+
+def arm_cost(arm, weighted, seconds, base_s):
+    """An arm's training cost in baseline trainings, to a quarter (at least 1): the mean train
+    seconds of all its runs (a loss weight does not change a step's cost) over a baseline training's
+    (`base_s`). A partition row is a step of the same student on the same batch as the baseline's."""
+    runs = [r for r in weighted if base_row(r) == arm]
+    missing = [r for r in runs if r not in seconds] + ([] if base_s else ["the baseline's runs"])
+    if missing:
+        raise ValueError(f"no train seconds for {', '.join(missing)} (resumed runs are not timed): remove "
+                         "those run folders and rerun --tune to time them")
+    return max(1.0, round(4 * statistics.mean(seconds[r] for r in runs) / base_s) / 4)
 
 
 def run_stage(stages, args, out, data_root, cpu_scale, jobs_at_once, scores, seconds):
@@ -1297,8 +1312,8 @@ def tune_report(tuned, lr_rows, weighted):
            "points below the full-data baseline (not data-limited at these steps): the smallest tried")
     lines += ["", f"Chosen: lr {tuned['lr']:g}; labeled fraction 1/{tuned['partition']} ({why})."]
     lines += [f"- {row}: x{tuned['multipliers'][row]:g} (`{' '.join(tuned['rows'][row])}`), cost "
-              f"{tuned['costs'][row]:g}x the baseline's training (its mean train seconds over the mean of "
-              "every baseline run's, to a quarter)" for row in tuned["rows"]]
+              f"{tuned['costs'][row]:g}x the baseline's training (the mean train seconds of its arm's runs over "
+              "the mean of every baseline run's, to a quarter)" for row in tuned["rows"]]
     lines += [f"- {row}: not tuned (no loss weight), cost 1" for row in tuned["untuned"]]
     return "\n".join(lines) + "\n"
 
@@ -1313,8 +1328,10 @@ def curve(args):
     iters, every = (4, 2) if args.smoke else (spec["iters"], spec["every"])
     seeds = args.seeds or spec["seeds"][:1 if args.smoke else None]
     split = flag_values(setting["eval"], "--split")[0]
-    rows = [r for r in (args.rows.split(",") if args.rows else spec["rows"]) if r]
-    rows = rows if "baseline" in rows else ["baseline", *rows]
+    rows = setting["rows"] if args.rows else ["baseline", *[r for r in spec["rows"] if r != "baseline"]]
+    if set(rows) & partition_rows(setting):
+        raise ValueError(f"--curve: the partition rows ({', '.join(sorted(set(rows) & partition_rows(setting)))}) "
+                         "train on another labeled set than the baseline; leave them out of --rows")
     stage = {**setting, "rows": rows, "seeds": seeds, "iters": iters, "costs": {},
              "flags": set_flag(set_flag(setting["flags"], "--val-split", [split]), "--eval-every", [str(every)])}
     if args.dry_run:
@@ -1361,7 +1378,8 @@ def curve_report(setting, curves, split, seeds, seconds):
                 text += f" ({gain:+.1f} [{gain - ci:+.1f}, {gain + ci:+.1f}])"
             cells.append(text)
         lines.append(f"| {row} | {cost_ratio(setting, row):g} | " + " | ".join(cells) + " |")
-    lines += ["", "At equal cost (the baseline trained as long as the row costs, where it got that far):", "",
+    lines += ["", "At equal cost (the baseline's first score at or past the row's cost, where it got that far; "
+              "both sides are checkpoints part way through the same-length poly schedule):", "",
               "| row | steps | cost (baseline steps) | row mIoU | baseline at that cost | gain [95% CI] |",
               "|---|---:|---:|---:|---:|---:|"]
     for row, by_step in curves.items():
@@ -1369,9 +1387,10 @@ def curve_report(setting, curves, split, seeds, seconds):
             continue
         for step in steps:
             matched = step * cost_ratio(setting, row)
-            nearest = min(steps, key=lambda s: abs(s - matched))
-            if matched > steps[-1] * 1.0001 or len(by_step.get(step, [])) < 2:
+            reached = [s for s in steps if s >= matched - 1e-6]   # the baseline gets at least the row's cost
+            if not reached or len(by_step.get(step, [])) < 2:
                 continue
+            nearest = reached[0]
             values, base = by_step[step], curves["baseline"][nearest]
             gain, ci = gain_interval([v - b for v, b in zip(values, base)])
             lines.append(f"| {row} | {step} | {matched:g} (baseline at {nearest}) | {statistics.mean(values):.1f} | "

@@ -246,6 +246,8 @@ def test_verdicts_are_paired_t_tests_with_holm_over_the_table():
     assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
     assert kd_seg.t_test_p([1.0, 2.0, 3.0]) == pytest.approx(0.0742, abs=1e-4)   # t = 2 sqrt(3), df 2
     assert kd_seg.t_test_p([2.0, 2.0]) == 0.0 and kd_seg.t_test_p([0.0, 0.0]) == 1.0 == kd_seg.t_test_p([3.0])
+    # a nearly constant gain: t = 4e6 with 4 degrees of freedom, p about 1e-26, not a panel-width artefact
+    assert kd_seg.t_test_p([4.0 + 1e-6 * u for u in (1, -1, 0, 0, 0)]) < 1e-12
     # Holm: sorted p times m, m-1, ...; monotone; capped at 1; in the family's own order
     assert kd_seg.holm([0.04, 0.01, 0.03, 0.5]) == pytest.approx([0.09, 0.04, 0.09, 0.5])
     assert kd_seg.holm([0.3, 0.2]) == pytest.approx([0.4, 0.4]) and kd_seg.holm([0.9, 0.8]) == [1.0, 1.0]
@@ -417,3 +419,20 @@ def test_tuned_file_errors_are_one_line(tmp_path):
     r = run_cli("kd_seg.py", "--recipe", "camvid", "--tuned", bad, "--dry-run", "--out", tmp_path / "out")
     assert r.returncode == 2 and "tuned for setting 'demo'" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_tuning_costs_average_the_arm_and_refuse_untimed_runs():
+    """A row's cost is the mean of all its arm's runs (a weight does not change a step's cost) over a
+    baseline training's, to a quarter and at least 1; a run without train seconds is refused by name."""
+    weighted = {"cwd@w0.1": [], "cwd@w1": [], "mgd@w0.1": []}
+    seconds = {"cwd@w0.1": 70.0, "cwd@w1": 80.0, "mgd@w0.1": 230.0}
+    assert kd_seg.arm_cost("cwd", weighted, seconds, 50.0) == 1.5 and kd_seg.arm_cost("mgd", weighted, seconds, 50.0) == 4.5
+    assert kd_seg.arm_cost("cwd", weighted, seconds, 200.0) == 1.0
+    with pytest.raises(ValueError, match="cwd@w1"):
+        kd_seg.arm_cost("cwd", weighted, {"cwd@w0.1": 70.0}, 50.0)
+
+
+def test_curve_refuses_partition_rows(tmp_path):
+    r = run_cli("kd_seg.py", "--recipe", "camvid", "--curve", "--rows", "baseline, mgd", "--dry-run",
+                "--out", tmp_path / "out", "--data-root", tmp_path / "none")
+    assert r.returncode == 2 and "partition rows" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
