@@ -829,7 +829,7 @@ def t_test_p(gains):
     """Two-sided p of the paired t test of `gains` (H0: mean 0; n - 1 degrees of freedom): one
     minus twice the integral of Student's t density from 0 to |t|. Substituting u = sqrt(df) tan(a)
     turns the density into sqrt(df) * scale * cos(a)^(df - 1) on [0, atan(|t| / sqrt(df))], smooth
-    for any t, so Simpson's rule (2,000 panels) is accurate to about 1e-12 however large t is.
+    for any t (tested: p = 0.05 at every tabulated 95% quantile to 1e-6, p < 1e-12 at t = 4e6).
     1.0 with a single seed."""
     n = len(gains)
     if n < 2:
